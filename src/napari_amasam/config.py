@@ -1,0 +1,261 @@
+"""Configuration dataclasses: every field of a model, a training run and post-processing.
+
+A model folder stores ``ModelConfig`` and ``TrainConfig`` in ``config.json`` and
+``PostprocessConfig`` in ``thresholds.json``; ``from_dict`` ignores nothing silently:
+unknown keys raise, so a typo in a hand-edited file is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid (the message names which)."""
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    return cls(**data)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an AMA-SAM model.
+
+    Attributes
+    ----------
+    backbone : str
+        SAM image-encoder variant: ``vit_b``, ``vit_l``, ``vit_h`` (official architectures,
+        need a checkpoint for meaningful weights) or ``tiny`` (same module classes, small,
+        random weights; for tests and the demo).
+    image_size : int
+        Network input side in pixels (SAM: 1024). Tiles are this size.
+    tiny_embed_dim, tiny_depth, tiny_heads, tiny_global_attn : ...
+        Shape of the ``tiny`` encoder (ignored for vit_*).
+    adapter_ratio : float
+        Bottleneck width of each encoder MLP adapter as a fraction of the embed dim.
+    adapter_scale : float
+        Scale s of the adapter branch: ``x + MLP(h) + s * Adapter(h)``.
+    alignment : str
+        ``cgrl`` (AMA-SAM: primary rows get no domain gradient, auxiliary rows reversed),
+        ``grl`` (plain reversal for every row) or ``none`` (no discriminator).
+    num_domains : int
+        Number of data domains seen in training (1 primary + auxiliaries).
+    lambda_max : float
+        Maximum gradient-reversal strength; warmed up as lambda_max*(2/(1+exp(-10p))-1).
+    lambda_schedule : str
+        ``dann`` (the warm-up above) or ``constant``.
+    num_slice_tokens : int
+        HR-Decoder slice tokens; 16 for a 4x4 pixel ensemble.
+    coarse_as_prompt : bool
+        Feed the detached, thresholded coarse mask through SAM's mask-prompt path.
+    coarse_prompt_threshold : float
+        Probability above which the coarse mask becomes a prompt.
+    fuse_image : bool
+        Concatenate the normalised input image in the full-resolution refinement.
+    distance_heads : bool
+        Predict centre- and boundary-distance maps for instance separation.
+    decoder_adapter : bool
+        SAM-DA variant: learnable prompt tokens + residual adapters in the mask decoder.
+    alignment_layer_blocks : int
+        CA-SAM variant: number of alignment residual blocks between encoder and decoder (0 = off).
+    train_decoder_transformer : bool
+        Un-freeze the copy of SAM's two-way transformer inside the HR-Decoder.
+    trainable_backbone : bool
+        Train the SAM encoder weights too. Only sensible for ``tiny`` random-weight backbones
+        (nothing pretrained to preserve); AMA-SAM keeps SAM frozen.
+    """
+
+    backbone: str = "vit_b"
+    image_size: int = 1024
+    tiny_embed_dim: int = 96
+    tiny_depth: int = 4
+    tiny_heads: int = 4
+    tiny_global_attn: tuple[int, ...] = (1, 3)
+    tiny_window_size: int = 7
+    adapter_ratio: float = 0.25
+    adapter_scale: float = 0.5
+    alignment: str = "cgrl"
+    num_domains: int = 1
+    lambda_max: float = 1.0
+    lambda_schedule: str = "dann"
+    num_slice_tokens: int = 16
+    coarse_as_prompt: bool = True
+    coarse_prompt_threshold: float = 0.95
+    fuse_image: bool = True
+    distance_heads: bool = True
+    decoder_adapter: bool = False
+    alignment_layer_blocks: int = 0
+    train_decoder_transformer: bool = False
+    trainable_backbone: bool = False
+
+    def __post_init__(self) -> None:
+        self.tiny_global_attn = tuple(self.tiny_global_attn)
+        if self.backbone not in ("tiny", "vit_b", "vit_l", "vit_h"):
+            raise ConfigError(
+                f"backbone must be tiny, vit_b, vit_l or vit_h, not {self.backbone!r}"
+            )
+        if self.alignment not in ("cgrl", "grl", "none"):
+            raise ConfigError(f"alignment must be cgrl, grl or none, not {self.alignment!r}")
+        if self.image_size % 64 != 0 or self.image_size < 64:
+            raise ConfigError(f"image_size must be a multiple of 64, not {self.image_size}")
+        if self.num_domains < 1:
+            raise ConfigError("num_domains must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tiny_global_attn"] = list(self.tiny_global_attn)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, "model config")
+
+
+@dataclass
+class PostprocessConfig:
+    """Instance post-processing settings (``thresholds.json`` of a model folder).
+
+    Pixel constants are at the model's training resolution (``mpp``); callers scale them by
+    ``mpp_train / mpp_input`` (lengths) and its square (areas).
+
+    Attributes
+    ----------
+    method : str
+        ``distance`` (seeded watershed from centre and boundary distances) or ``edt``
+        (distance-transform watershed on the foreground alone).
+    foreground_threshold : float
+        Probability above which a pixel is nucleus.
+    center_distance_threshold, boundary_distance_threshold : float
+        Seeds are pixels with centre distance < the first and boundary distance < the second.
+    sigma_foreground, sigma_distance : float
+        Gaussian smoothing (pixels) before thresholding.
+    min_size : int
+        Objects smaller than this many pixels are dropped.
+    fill_holes : bool
+        Fill holes inside each nucleus.
+    edt_min_distance : int
+        ``edt`` method: minimum distance between seed peaks (pixels).
+    """
+
+    method: str = "distance"
+    foreground_threshold: float = 0.5
+    center_distance_threshold: float = 0.5
+    boundary_distance_threshold: float = 0.5
+    sigma_foreground: float = 1.0
+    sigma_distance: float = 1.6
+    min_size: int = 10
+    fill_holes: bool = True
+    edt_min_distance: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in ("distance", "edt"):
+            raise ConfigError(f"post-processing method must be distance or edt, not {self.method!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PostprocessConfig:
+        return _from_dict(cls, data, "thresholds")
+
+
+@dataclass
+class TrainConfig:
+    """A training run.
+
+    Attributes
+    ----------
+    primary : str
+        Folder with ``images/`` and ``labels/`` (or ``masks/``): the user's own data, domain 0.
+    aux : list of str
+        Auxiliary folders, domains 1..K-1 in this order.
+    out : str
+        Model folder to write.
+    checkpoint : str or None
+        Official SAM checkpoint (``.pth``) for vit_* backbones.
+    epochs, max_steps : int
+        Stop after this many epochs, or steps if ``max_steps`` > 0 (whichever first).
+    steps_per_epoch : int
+        Optimiser steps per epoch (0 = one pass over the primary training images).
+    batch_size : int
+        Tiles per step.
+    primary_share : float
+        Fraction of each batch drawn from the primary domain (when auxiliaries exist).
+    lr, weight_decay : float
+        Adam(W) learning rate and decoupled weight decay.
+    lr_gamma : float
+        ExponentialLR factor per epoch.
+    val_fraction : float
+        Share of primary images held out for validation (at least one when there are two).
+    mpp : float or None
+        Microns per pixel of the primary data (None: images used at their native scale).
+    aux_mpp : list of float or None
+        Microns per pixel per auxiliary folder; they are rescaled to ``mpp``.
+    augment : bool
+        Flips, 90-degree rotations, HED stain jitter and blur (milder on the primary domain).
+    loss weights : float
+        ``coarse_weight``, ``distance_weight``, ``domain_weight`` as in method.md.
+    seed : int
+        Seeds python, numpy and torch; saved in config.json.
+    device : str
+        ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``.
+    amp : bool
+        bf16/fp16 autocast on CUDA.
+    num_threads : int
+        CPU threads for torch (0 = torch's default).
+    val_every : int
+        Validate every this many epochs.
+    """
+
+    primary: str = ""
+    aux: list[str] = field(default_factory=list)
+    out: str = ""
+    checkpoint: str | None = None
+    epochs: int = 30
+    max_steps: int = 0
+    steps_per_epoch: int = 0
+    batch_size: int = 4
+    primary_share: float = 0.5
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_gamma: float = 0.98
+    val_fraction: float = 0.2
+    mpp: float | None = None
+    aux_mpp: list[float] | None = None
+    augment: bool = True
+    coarse_weight: float = 0.5
+    distance_weight: float = 1.0
+    domain_weight: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_threads: int = 0
+    val_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be at least 1")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ConfigError("epochs or max steps must be at least 1")
+        if not 0.0 < self.primary_share <= 1.0:
+            raise ConfigError("primary share must be in (0, 1]")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("validation fraction must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError("learning rate must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, "train config")
