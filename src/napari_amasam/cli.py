@@ -1,0 +1,300 @@
+"""Command line: ``napari-amasam train | segment | evaluate``.
+
+Bad arguments and bad data exit non-zero with a short message and no traceback
+(``NAPARI_AMASAM_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .errors import AmaSamError
+
+EXIT_ERROR = 2
+
+
+def _fail(message: str) -> int:
+    print(f"napari-amasam: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# --------------------------------------------------------------------------- train
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune AMA-SAM on a primary folder (+ auxiliary folders)")
+    p.add_argument("--primary", help="folder with images/ and labels/ (your data, domain 0)")
+    p.add_argument("--aux", nargs="*", default=[], metavar="DIR", help="auxiliary folders (other domains)")
+    p.add_argument("--out", help="model folder to write")
+    p.add_argument("--backbone", default="vit_b", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    p.add_argument("--checkpoint", help="official SAM checkpoint .pth for vit_b/vit_l/vit_h")
+    p.add_argument("--alignment", default="cgrl", choices=["cgrl", "grl", "none"])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--image-size", type=int, default=None, help="network input side (default 1024; tiny 256)")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the primary data")
+    p.add_argument("--aux-mpp", type=float, nargs="*", default=None, help="microns per pixel of each aux folder")
+    p.add_argument("--primary-share", type=float, default=0.5)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainable-backbone", action="store_true",
+                   help="also train the encoder (only sensible for the random-weight tiny backbone)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def _format_record(record: dict) -> str | None:
+    stage = record["stage"]
+    if stage == "train":
+        done, total = record["step"], record["total_steps"]
+        width = 24
+        bar = "#" * int(width * done / total) + "-" * (width - int(width * done / total))
+        return (f"[{bar}] step {done}/{total} epoch {record['epoch']}/{record['epochs']} "
+                f"loss {record['loss']:.4f} lr {record['lr']:.2e} eta {record['eta_s']:.0f}s")
+    if stage == "val":
+        m = record["metrics"]
+        return (f"validation epoch {record['epoch']}: " +
+                " ".join(f"{k} {m[k]:.4f}" for k in ("dice", "aji", "pq") if k in m) +
+                f" ({record['n_images']} images)")
+    if stage == "setup":
+        return record["message"]
+    if stage == "done":
+        state = "cancelled" if record["cancelled"] else "finished"
+        return f"training {state} at step {record['step']}: model folder {record['model_dir']}"
+    return None
+
+
+def cmd_train(args) -> int:
+    from .training.trainer import train
+
+    if args.resume:
+        out = args.resume
+        train_cfg = TrainConfig(out=out, epochs=args.epochs, max_steps=args.max_steps)
+        model_cfg = ModelConfig()
+    else:
+        if not args.primary or not args.out:
+            return _fail("train needs --primary DIR and --out MODEL_DIR (or --resume MODEL_DIR)")
+        if args.backbone != "tiny" and not args.checkpoint:
+            print(f"warning: no --checkpoint for {args.backbone}: the SAM encoder gets random "
+                  "weights (download the official .pth once and pass its path)", file=sys.stderr)
+        image_size = args.image_size or (256 if args.backbone == "tiny" else 1024)
+        model_cfg = ModelConfig(backbone=args.backbone, image_size=image_size,
+                                alignment=args.alignment,
+                                trainable_backbone=args.trainable_backbone)
+        train_cfg = TrainConfig(
+            primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
+            epochs=args.epochs, max_steps=args.max_steps, steps_per_epoch=args.steps_per_epoch,
+            batch_size=args.batch_size, lr=args.lr, mpp=args.mpp, aux_mpp=args.aux_mpp,
+            primary_share=args.primary_share, val_fraction=args.val_fraction,
+            augment=not args.no_augment, device=args.device, seed=args.seed,
+            num_threads=args.threads,
+        )
+    interactive = sys.stderr.isatty() and not args.quiet
+    last_print = 0.0
+    for record in train(train_cfg, model_cfg, resume=bool(args.resume)):
+        line = _format_record(record)
+        if line is None or args.quiet and record["stage"] == "train":
+            continue
+        if record["stage"] == "train":
+            now = time.monotonic()
+            final = record["step"] == record["total_steps"]
+            if interactive:
+                print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+            elif final or now - last_print > 10:
+                print(line, file=sys.stderr, flush=True)
+                last_print = now
+        else:
+            if interactive:
+                print(file=sys.stderr)
+            print(line, flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------- segment
+def add_segment_parser(sub) -> None:
+    p = sub.add_parser("segment", help="segment nuclei in images with a model folder or the classical baseline")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--model", required=True, help="model folder, or 'classical'")
+    p.add_argument("--checkpoint", help="base SAM checkpoint (if not at the recorded path)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--geojson", action="store_true", help="also write QuPath GeoJSON")
+    p.add_argument("--csv", action="store_true", help="also write per-nucleus measurements")
+    p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument("--overlap", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the inputs")
+    p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_segment)
+
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Expand files and folders into image paths; return (images, problems)."""
+    from .data.io import IMAGE_EXTENSIONS
+
+    images, problems = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{path}: no images (.tif, .png, .jpg) in this folder")
+            images.extend(found)
+        elif path.is_file():
+            images.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return images, problems
+
+
+def cmd_segment(args) -> int:
+    from .data.io import read_image
+    from .export import write_csv, write_geojson, write_labels_tiff
+    from .inference.predictor import Predictor
+
+    images, problems = collect_images(args.inputs)
+    thresholds = None
+    if args.thresholds:
+        try:
+            thresholds = PostprocessConfig.from_dict(json.loads(Path(args.thresholds).read_text()))
+        except (OSError, json.JSONDecodeError, ConfigError, TypeError) as exc:
+            return _fail(f"{args.thresholds}: invalid thresholds file ({exc})")
+    if args.model == "classical":
+        predictor = Predictor.classical()
+    else:
+        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    failed = len(problems)
+    for path in images:
+        t0 = time.perf_counter()
+        try:
+            image = read_image(path)
+            labels = predictor.segment(image, tile_size=args.tile_size, overlap=args.overlap,
+                                       batch_size=args.batch_size, input_mpp=args.mpp,
+                                       thresholds=thresholds)
+        except AmaSamError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        write_labels_tiff(out / f"{path.stem}_labels.tif", labels)
+        if args.geojson:
+            write_geojson(out / f"{path.stem}.geojson", labels, image=image)
+        if args.csv:
+            write_csv(out / f"{path.stem}.csv", labels, image=image)
+        n = int(labels.max())
+        print(f"{path.name}: {n} nuclei in {time.perf_counter() - t0:.1f}s")
+    if failed:
+        print(f"{failed} input(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------ evaluate
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="compare predicted label images with ground truth")
+    p.add_argument("--pred", required=True, help="folder of predicted label images")
+    p.add_argument("--gt", required=True, help="ground-truth label folder (or a dataset folder with labels/)")
+    p.add_argument("--json", help="write per-image and mean metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+
+METRIC_KEYS = ("dice", "aji", "aji_plus", "dice2", "dq", "sq", "pq", "f1")
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    from .data.io import IMAGE_EXTENSIONS
+
+    if (folder / "labels").is_dir():
+        folder = folder / "labels"
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            stem = p.stem[: -len("_labels")] if p.stem.endswith("_labels") else p.stem
+            files[stem] = p
+    return files
+
+
+def format_table(per_image: dict[str, dict], mean: dict, title: str = "image") -> str:
+    width = max([len(title), 4] + [len(s) for s in per_image])
+    lines = [f"{title:<{width}} " + " ".join(f"{k:>8}" for k in METRIC_KEYS)]
+    for stem, m in per_image.items():
+        lines.append(f"{stem:<{width}} " + " ".join(f"{m[k]:8.4f}" for k in METRIC_KEYS))
+    lines.append(f"{'mean':<{width}} " + " ".join(f"{mean[k]:8.4f}" for k in METRIC_KEYS))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> int:
+    from .data.io import read_labels
+    from .metrics import evaluate_pair, summarize
+
+    pred_dir, gt_dir = Path(args.pred), Path(args.gt)
+    for d in (pred_dir, gt_dir):
+        if not d.is_dir():
+            return _fail(f"{d}: no such folder")
+    preds, gts = _label_files(pred_dir), _label_files(gt_dir)
+    common = sorted(set(preds) & set(gts))
+    if not common:
+        return _fail(f"no prediction in {pred_dir} matches a ground-truth file in {gt_dir} by stem")
+    for stem in sorted(set(gts) - set(preds)):
+        print(f"warning: no prediction for {gts[stem]}", file=sys.stderr)
+    per_image = {}
+    for stem in common:
+        gt, pred = read_labels(gts[stem]), read_labels(preds[stem])
+        if gt.shape != pred.shape:
+            return _fail(f"{preds[stem]}: shape {pred.shape} differs from ground truth {gt.shape}")
+        per_image[stem] = {k: float(v) for k, v in evaluate_pair(gt, pred).items()}
+    summary = summarize(per_image)
+    print(format_table(per_image, summary["mean"]))
+    if summary.get("n_skipped"):
+        print(f"({summary['n_skipped']} image(s) with nothing to find and nothing found were skipped)")
+    if args.json:
+        doc = {"images": per_image, "mean": summary["mean"]}
+        Path(args.json).write_text(json.dumps(doc, indent=2, allow_nan=True))
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="napari-amasam", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"napari-amasam {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_segment_parser(sub)
+    add_evaluate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AmaSamError, ConfigError) as exc:
+        if os.environ.get("NAPARI_AMASAM_DEBUG"):
+            raise
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    finally:
+        from .training.distributed import cleanup
+
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The training engine: a generator of progress records (CLI progress bar, widget plot).
+
+``train(train_cfg, model_cfg)`` checks every data folder first (training never starts on
+bad data), builds the multi-domain sampler and the model, and then yields one record per
+optimiser step and one per validation. A ``threading.Event`` passed as ``cancel`` stops it
+at the next step; what was trained is saved. ``resume=True`` continues from ``last.pt``
+with optimiser, scheduler and RNG state, so a killed run resumed ends at the same step.
+
+Records (dicts) have a ``stage`` key: ``setup``, ``train``, ``val``, ``save``, ``done``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from ..device import autocast_dtype, resolve_device
+from ..errors import AmaSamError, CheckpointError, DataError
+from . import distributed as dist_utils
+from .losses import LossWeights, amasam_loss
+from .model_folder import (
+    append_history,
+    atomic_torch_save,
+    read_model_folder,
+    sha256_file,
+    torch_load,
+    truncate_history,
+    write_config,
+    write_thresholds,
+)
+
+log = logging.getLogger(__name__)
+Record = dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def default_steps_per_epoch(datasets, cfg: TrainConfig, image_size: int) -> int:
+    """Enough steps for the primary-domain crops of one epoch to cover every primary pixel once."""
+    pixels = sum(int(np.prod(img.shape[:2])) for img in datasets[0].images)
+    primary_per_batch = max(1, round(cfg.batch_size * cfg.primary_share)) if len(datasets) > 1 else cfg.batch_size
+    return max(1, math.ceil(pixels / (image_size * image_size * primary_per_batch)))
+
+
+def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> dict[str, Any]:
+    if model_cfg.backbone == "tiny":
+        return {"name": "tiny (random weights, stored in base_sam.pt)", "sha256": None, "path": None}
+    if not checkpoint:
+        return {"name": None, "sha256": None, "path": None,
+                "warning": "no SAM checkpoint: random encoder weights"}
+    path = Path(checkpoint).resolve()
+    return {"name": path.name, "sha256": sha256_file(path), "path": str(path)}
+
+
+def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str, Any]:
+    """Full-image validation through the real predictor (tiling + post-processing)."""
+    from ..inference.predictor import Predictor
+    from ..metrics import evaluate_pair, summarize
+
+    predictor = Predictor(model, model_cfg, thresholds, mpp=mpp, device=device)
+    per_image = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for stem, image, labels in val_items:
+            pred = predictor.segment(image)
+            per_image[stem] = evaluate_pair(labels, pred)
+    finally:
+        model.train(was_training)
+    summary = summarize(per_image)
+    return {"mean": summary["mean"], "n_images": summary["n_images"],
+            "n_skipped": summary.get("n_skipped", 0), "images": per_image}
+
+
+def train(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    *,
+    resume: bool = False,
+    cancel: threading.Event | None = None,
+    thresholds: PostprocessConfig | None = None,
+) -> Generator[Record, None, Path]:
+    """Train an AMA-SAM model; yields progress records and returns the model folder.
+
+    Raises ``DataError`` (all problems of all folders, one per line) before any training
+    when the data are bad, ``CheckpointError``/``DeviceError``/``ConfigError`` for bad
+    settings. Nothing is written to ``cfg.out`` before those checks pass.
+    """
+    from ..data import DomainDataset, MultiDomainSampler, check_folders, find_pairs, split_train_val
+    from ..data.io import read_image, read_labels
+    from ..model import build_amasam, lambda_schedule
+
+    out = Path(cfg.out)
+    if not cfg.out:
+        raise ConfigError("no output model folder given")
+    rank, world = dist_utils.rank_and_world()
+    is_main = rank == 0
+
+    if resume:
+        folder = read_model_folder(out)
+        if folder.train is None or not (out / "last.pt").is_file():
+            raise CheckpointError(f"{out}: nothing to resume (no last.pt)")
+        saved_epochs, saved_steps = cfg.epochs, cfg.max_steps
+        cfg, model_cfg = folder.train, folder.model
+        # A resumed run may be asked to go on for longer than first planned.
+        cfg.epochs, cfg.max_steps = max(cfg.epochs, saved_epochs), max(cfg.max_steps, saved_steps)
+        thresholds = folder.thresholds
+
+    if model_cfg.backbone != "tiny" and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise CheckpointError(f"{cfg.checkpoint}: SAM checkpoint not found")
+
+    yield {"stage": "setup", "message": "checking data folders"}
+    report = check_folders(cfg.primary, cfg.aux)
+    report.raise_if_failed()
+    for warning in report.warnings:
+        yield {"stage": "setup", "message": f"warning: {warning}"}
+
+    device = resolve_device(dist_utils.local_device_name(cfg.device))
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed + rank)
+
+    model_cfg = dataclasses.replace(model_cfg, num_domains=1 + len(cfg.aux))
+    thresholds = thresholds or PostprocessConfig()
+    primary_pairs = find_pairs(cfg.primary)
+    train_pairs, val_pairs = split_train_val(primary_pairs, cfg.val_fraction, cfg.seed)
+    aux_mpp = cfg.aux_mpp or [None] * len(cfg.aux)
+    if len(aux_mpp) != len(cfg.aux):
+        raise ConfigError(f"{len(aux_mpp)} auxiliary mpp values for {len(cfg.aux)} auxiliary folders")
+    datasets = [DomainDataset(train_pairs, 0, mpp=cfg.mpp, target_mpp=cfg.mpp)]
+    for i, (folder_path, mpp) in enumerate(zip(cfg.aux, aux_mpp), start=1):
+        datasets.append(DomainDataset(find_pairs(folder_path), i, mpp=mpp, target_mpp=cfg.mpp))
+    sampler = MultiDomainSampler(
+        datasets, cfg.batch_size, cfg.primary_share, seed=cfg.seed + 7919 * rank,
+        crop_size=model_cfg.image_size, augment=cfg.augment,
+    )
+    val_items = [(p.stem, read_image(p.image), read_labels(p.label)) for p in val_pairs]
+    steps_per_epoch = cfg.steps_per_epoch or default_steps_per_epoch(datasets, cfg, model_cfg.image_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    # The tiny backbone's random SAM weights come from the seed and are stored in the folder.
+    torch.manual_seed(cfg.seed)
+    base_sam = out / "base_sam.pt"
+    if model_cfg.backbone == "tiny" and resume:
+        model = build_amasam(model_cfg, checkpoint=str(base_sam))
+    else:
+        model = build_amasam(model_cfg, checkpoint=cfg.checkpoint if model_cfg.backbone != "tiny" else None)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                 if cfg.weight_decay > 0 else torch.optim.Adam(params, lr=cfg.lr))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
+    amp_dtype = autocast_dtype(device) if cfg.amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_step, best_dice = 0, -1.0
+    if resume:
+        state = torch_load(out / "last.pt", "training state")
+        model.load_trainable_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step, best_dice = int(state["step"]), float(state["best_dice"])
+        _set_rng_state(state["rng"])
+        if is_main:
+            truncate_history(out, start_step // steps_per_epoch)
+        yield {"stage": "setup", "message": f"resumed at step {start_step}"}
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if model_cfg.backbone == "tiny":
+            atomic_torch_save(model.sam_state_dict(), base_sam)
+        write_config(out, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
+                     cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
+                                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
+        write_thresholds(out, thresholds)
+
+    train_model = dist_utils.wrap_model(model, device) if world > 1 else model
+    weights = LossWeights(coarse=cfg.coarse_weight, distance=cfg.distance_weight, domain=cfg.domain_weight)
+    use_domain = model_cfg.alignment != "none" and model_cfg.num_domains > 1
+
+    def save(step: int, epoch: int, best: bool) -> Record:
+        state = {
+            "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "step": step, "epoch": epoch, "best_dice": best_dice, "rng": _rng_state(),
+        }
+        atomic_torch_save(state, out / "last.pt")
+        if best or not (out / "best.pt").exists():
+            atomic_torch_save(state["model"], out / "best.pt")
+            atomic_torch_save(state["model"], out / "weights.pt")
+        return {"stage": "save", "path": str(out), "step": step, "epoch": epoch, "best": best}
+
+    def _loop():
+        nonlocal step, steps_timed, cancelled, epoch_losses, best_dice
+        while step < total_steps:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            epoch = step // steps_per_epoch + 1
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in sampler.batch(step).items()}
+            progress = step / max(1, total_steps - 1)
+            lam = lambda_schedule(progress, model_cfg.lambda_max, model_cfg.lambda_schedule)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = train_model(batch["image"], domain=batch["domain"] if use_domain else None, lam=lam)
+            loss, parts = amasam_loss(output, batch["targets"], batch["valid"], batch["domain"], weights)
+            if not torch.isfinite(loss):
+                raise AmaSamError(f"training diverged at step {step + 1} (loss {float(loss)}); "
+                                  "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            steps_timed += 1
+            epoch_losses.append(float(loss))
+            per_step = (time.perf_counter() - t_start) / steps_timed
+            if is_main:
+                yield {"stage": "train", "epoch": epoch, "epochs": n_epochs, "step": step,
+                       "total_steps": total_steps, "loss": float(loss), "losses": parts,
+                       "lr": optimizer.param_groups[0]["lr"], "lam": lam,
+                       "eta_s": per_step * (total_steps - step)}
+
+            if step % steps_per_epoch == 0 or step == total_steps:
+                scheduler.step()
+                metrics: dict[str, Any] = {}
+                is_best = False
+                if is_main and val_items and (epoch % cfg.val_every == 0 or step == total_steps):
+                    val = _validate(model, model_cfg, thresholds, val_items, device, cfg.mpp)
+                    metrics = val["mean"]
+                    dice = metrics.get("dice", float("nan"))
+                    is_best = bool(np.isfinite(dice) and dice > best_dice)
+                    if is_best:
+                        best_dice = float(dice)
+                    yield {"stage": "val", "epoch": epoch, "step": step, "metrics": metrics,
+                           "n_images": val["n_images"], "images": val["images"]}
+                if is_main:
+                    row = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_losses)),
+                           "lr": optimizer.param_groups[0]["lr"], "lam": lam}
+                    row.update({f"val_{k}": v for k, v in metrics.items()})
+                    append_history(out, row)
+                    yield save(step, epoch, is_best or not val_items)
+                epoch_losses = []
+                dist_utils.barrier()
+
+    model.train()
+    step = start_step
+    t_start, steps_timed = time.perf_counter(), 0
+    cancelled = False
+    epoch_losses: list[float] = []
+    try:
+        yield from _loop()
+    except GeneratorExit:
+        # The consumer stopped iterating (e.g. a napari worker quit): keep what was trained.
+        if is_main and step > start_step:
+            save(step, step // steps_per_epoch, best=False)
+        raise
+
+    if cancelled and is_main:
+        yield save(step, step // steps_per_epoch, best=False)
+    if is_main:
+        yield {"stage": "done", "cancelled": cancelled, "step": step, "total_steps": total_steps,
+               "model_dir": str(out), "best_dice": best_dice}
+    return out
+
+
+def run_training(cfg: TrainConfig, model_cfg: ModelConfig, **kwargs) -> tuple[Path, list[Record]]:
+    """Drain ``train`` and return the model folder and every record (for scripts and tests)."""
+    records: list[Record] = []
+    gen = train(cfg, model_cfg, **kwargs)
+    while True:
+        try:
+            records.append(next(gen))
+        except StopIteration as stop:
+            return stop.value, records
+
+
+__all__ = ["train", "run_training", "seed_everything", "DataError"]
