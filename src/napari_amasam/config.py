@@ -214,6 +214,9 @@ class TrainConfig:
         CPU threads for torch (0 = torch's default).
     val_every : int
         Validate every this many epochs.
+    init_from : str or None
+        Start from the weights of this model folder (fine-tuning with new or corrected data):
+        its architecture, base checkpoint and thresholds are taken over.
     """
 
     primary: str = ""
@@ -240,6 +243,7 @@ class TrainConfig:
     amp: bool = True
     num_threads: int = 0
     val_every: int = 1
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

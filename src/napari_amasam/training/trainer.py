@@ -141,6 +141,19 @@ def train(
         cfg.epochs, cfg.max_steps = max(cfg.epochs, saved_epochs), max(cfg.max_steps, saved_steps)
         thresholds = folder.thresholds
 
+    init_folder = None
+    if cfg.init_from and not resume:
+        # Fine-tuning: same architecture, base SAM and thresholds as the starting model.
+        init_folder = read_model_folder(cfg.init_from)
+        if not init_folder.has_weights:
+            raise CheckpointError(f"{cfg.init_from}: model folder has no weights.pt to start from")
+        model_cfg = init_folder.model
+        thresholds = thresholds or init_folder.thresholds
+        if model_cfg.backbone != "tiny" and not cfg.checkpoint:
+            cfg.checkpoint = init_folder.base_checkpoint.get("path")
+        if cfg.mpp is None:
+            cfg.mpp = init_folder.mpp
+
     if model_cfg.backbone != "tiny" and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise CheckpointError(f"{cfg.checkpoint}: SAM checkpoint not found")
 
@@ -155,7 +168,13 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed + rank)
 
-    model_cfg = dataclasses.replace(model_cfg, num_domains=1 + len(cfg.aux))
+    num_domains = 1 + len(cfg.aux)
+    if init_folder is not None and init_folder.model.num_domains != num_domains:
+        # The discriminator's input is domain-agnostic (one P(primary) logit), so a different
+        # number of auxiliary folders only changes the domain labels, not any weight shape.
+        log.info("fine-tuning with %d domains (model was trained with %d)",
+                 num_domains, init_folder.model.num_domains)
+    model_cfg = dataclasses.replace(model_cfg, num_domains=num_domains)
     thresholds = thresholds or PostprocessConfig()
     primary_pairs = find_pairs(cfg.primary)
     train_pairs, val_pairs = split_train_val(primary_pairs, cfg.val_fraction, cfg.seed)
@@ -179,10 +198,13 @@ def train(
     # The tiny backbone's random SAM weights come from the seed and are stored in the folder.
     torch.manual_seed(cfg.seed)
     base_sam = out / "base_sam.pt"
-    if model_cfg.backbone == "tiny" and resume:
-        model = build_amasam(model_cfg, checkpoint=str(base_sam))
+    if model_cfg.backbone == "tiny" and (resume or init_folder is not None):
+        source = init_folder.path if init_folder is not None else out
+        model = build_amasam(model_cfg, checkpoint=str(source / "base_sam.pt"))
     else:
         model = build_amasam(model_cfg, checkpoint=cfg.checkpoint if model_cfg.backbone != "tiny" else None)
+    if init_folder is not None:
+        model.load_trainable_state_dict(torch_load(init_folder.path / "weights.pt", "model weights"))
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
