@@ -243,3 +243,31 @@ def truncate_history(path: str | Path, max_epoch: int) -> None:
         history_path.unlink()
     for r in rows:
         append_history(path, r)
+
+
+def load_model(
+    path: str | Path,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    weights: str = "weights.pt",
+):
+    """Rebuild a trained model from its folder, ready for inference.
+
+    Returns
+    -------
+    (AmaSam, ModelFolder)
+        The model in eval mode on ``device`` and the folder's description.
+    """
+    from ..device import resolve_device
+    from ..model import build_amasam
+
+    folder = read_model_folder(path)
+    weights_path = folder.path / weights
+    if not weights_path.is_file():
+        raise CheckpointError(f"{folder.path}: no {weights} (the model was never saved)")
+    base = resolve_base_checkpoint(folder, checkpoint)
+    model = build_amasam(folder.model, checkpoint=base)
+    model.load_trainable_state_dict(torch_load(weights_path, "model weights"), str(weights_path))
+    if not isinstance(device, torch.device):
+        device = resolve_device(device)
+    return model.to(device).eval(), folder

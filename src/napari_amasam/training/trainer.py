@@ -72,7 +72,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def default_steps_per_epoch(datasets, cfg: TrainConfig, image_size: int) -> int:
     """Enough steps for the primary-domain crops of one epoch to cover every primary pixel once."""
-    pixels = sum(int(np.prod(img.shape[:2])) for img in datasets[0].images)
+    primary = datasets[0]
+    pixels = sum(int(np.prod(primary.load(i)[1].shape)) for i in range(len(primary)))
     primary_per_batch = max(1, round(cfg.batch_size * cfg.primary_share)) if len(datasets) > 1 else cfg.batch_size
     return max(1, math.ceil(pixels / (image_size * image_size * primary_per_batch)))
 
