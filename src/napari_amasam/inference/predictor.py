@@ -1,0 +1,435 @@
+"""Whole-image inference: an image of any size -> probability maps -> instance labels.
+
+Steps (method.md sections 5 and 6.4)::
+
+    image (any dtype/channels) -> H x W x 3 uint8 -> [rescale to the model's mpp]
+      -> overlapping tiles, batched through the network (inference mode, autocast on CUDA)
+      -> logits blended across tiles -> [resize to H x W, bilinear] -> sigmoid -> Maps
+      -> instances_from_maps (at native resolution, pixel constants scaled) -> labels
+
+The network part and the post-processing part are separate calls, so a caller (the Segment
+widget) can re-threshold :class:`Maps` with new :class:`PostprocessConfig` values without
+running the network again.
+
+Progress is reported by generators (``iter_predict_maps``, ``iter_segment``) that yield
+``{"stage": "tile", "done": i, "total": n}`` after each batch; a caller cancels by no longer
+iterating (or closing the generator). No torch mode is left switched on while the generator
+is suspended, so stopping at any point leaves nothing in a changed state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, ModelConfig, PostprocessConfig
+from ..device import autocast_dtype, resolve_device
+from ..errors import AmaSamError
+from .tiling import TileStitcher, tile_grid
+
+#: Microns per pixel the classical baseline's pixel constants assume (40x, method.md 5).
+CLASSICAL_MPP = 0.25
+#: Smallest default tile overlap (pixels), about two nucleus diameters at 40x.
+MIN_DEFAULT_OVERLAP = 32
+
+Progress = dict[str, Any]
+
+
+@dataclass
+class Maps:
+    """Network outputs at the image's native resolution.
+
+    Attributes
+    ----------
+    foreground : ndarray
+        ``H x W float32`` nucleus probability in [0, 1].
+    center_distance, boundary_distance : ndarray or None
+        ``H x W float32`` in [0, 1] (conventions of ``data.targets``); None when the model
+        has no distance heads.
+    scale : float
+        ``mpp_model / mpp_input`` (1.0 when either is unknown): multiplies the pixel lengths
+        of the post-processing constants.
+    """
+
+    foreground: np.ndarray
+    center_distance: np.ndarray | None
+    boundary_distance: np.ndarray | None
+    scale: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.foreground.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class SegmentResult:
+    """Instance labels (``H x W int32``) and the maps they came from (None for classical)."""
+
+    labels: np.ndarray
+    maps: Maps | None
+
+
+def _check_mpp(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, not {value!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive number of microns per pixel, not {value}")
+    return value
+
+
+def _rescale_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """Resample ``H x W x 3 uint8`` by ``factor`` (anti-aliased when shrinking) -> uint8."""
+    from skimage.transform import rescale
+
+    scaled = rescale(
+        image,
+        factor,
+        order=1,
+        channel_axis=-1,
+        preserve_range=True,
+        anti_aliasing=factor < 1.0,
+    )
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of ``(C, h, w) float32`` logits to ``(C, height, width)``."""
+    tensor = torch.from_numpy(maps)[None]
+    resized = torch.nn.functional.interpolate(
+        tensor, size=(height, width), mode="bilinear", align_corners=False
+    )
+    return resized[0].numpy()
+
+
+def _sigmoid_inplace(array: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function, in place on a float32 array."""
+    torch.sigmoid_(torch.from_numpy(array))
+    return array
+
+
+class Predictor:
+    """Segment nuclei in images of any size with a trained AMA-SAM model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or None
+        An ``AmaSam`` (or anything obeying its forward contract:
+        ``images B,3,S,S float 0-255 -> object with fine_logits B,1,S,S and
+        distance_logits B,2,S,S or None``). None for the classical baseline
+        (use :meth:`classical`).
+    model_config : ModelConfig or None
+        Architecture; ``image_size`` is the network input side S.
+    thresholds : PostprocessConfig or None
+        Default post-processing settings (a model folder's ``thresholds.json``).
+    mpp : float or None
+        Microns per pixel of the training data (None: unknown, images are used as they are).
+    device : str or torch.device
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        model_config: ModelConfig | None,
+        thresholds: PostprocessConfig | None = None,
+        mpp: float | None = None,
+        device: str | torch.device = "auto",
+    ):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model_config = model_config
+        self.thresholds = thresholds if thresholds is not None else PostprocessConfig()
+        self.mpp = _check_mpp(mpp, "model mpp")
+        self.model = model
+        self._classical_cfg: Any = None
+        if model is not None:
+            if model_config is None:
+                raise ConfigError("a model needs its ModelConfig (for the tile size)")
+            self.model = model.to(self.device).eval()
+
+    # ----------------------------------------------------------------------------- builders
+    @classmethod
+    def from_folder(
+        cls,
+        model_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "auto",
+    ) -> Predictor:
+        """Load a trained model folder (see ``training.model_folder``).
+
+        Parameters
+        ----------
+        model_dir : str or Path
+            The folder written by training (``config.json``, ``weights.pt``, ...).
+        checkpoint : str or Path, optional
+            Official SAM checkpoint for vit_* backbones, if not at its recorded path.
+        device : str or torch.device
+
+        Raises
+        ------
+        CheckpointError
+            If the folder or its weights cannot be loaded.
+        """
+        # Imported here: loading builds the model, which pulls in segment_anything.
+        from ..training.model_folder import load_model
+
+        resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)
+        return cls(model, folder.model, folder.thresholds, folder.mpp, resolved)
+
+    @classmethod
+    def classical(cls, cfg: Any = None, mpp: float | None = CLASSICAL_MPP) -> Predictor:
+        """The colour-deconvolution baseline behind the same interface.
+
+        It produces labels only: :meth:`predict_maps` and :meth:`postprocess` raise, and
+        :meth:`iter_segment` returns ``SegmentResult(labels, maps=None)``.
+
+        Parameters
+        ----------
+        cfg : optional
+            Settings passed to ``classical.segment_classical`` (None: its defaults).
+        mpp : float or None
+            Resolution its pixel constants assume (40x by default).
+        """
+        predictor = cls(None, None, None, mpp, "cpu")
+        predictor._classical_cfg = cfg
+        return predictor
+
+    @property
+    def is_classical(self) -> bool:
+        return self.model is None
+
+    # ------------------------------------------------------------------------- internals
+    def _scale_for(self, input_mpp: float | None) -> float:
+        """``mpp_model / mpp_input``, or 1.0 when either is unknown."""
+        input_mpp = _check_mpp(input_mpp, "input mpp")
+        if input_mpp is None:
+            return 1.0
+        if self.mpp is None:
+            warnings.warn(
+                f"input mpp {input_mpp} given but the model's training mpp is unknown; "
+                "the image is used at its native scale",
+                stacklevel=3,
+            )
+            return 1.0
+        return self.mpp / input_mpp
+
+    def _tile_parameters(self, tile_size: int | None, overlap: int | None) -> tuple[int, int]:
+        network_size = self.model_config.image_size
+        tile = network_size if tile_size is None else int(tile_size)
+        if tile < 1 or tile > network_size:
+            raise ConfigError(
+                f"tile size {tile_size} must be between 1 and the model input size {network_size}"
+            )
+        if overlap is None:
+            overlap = min(max(tile // 8, MIN_DEFAULT_OVERLAP), tile // 2)
+        overlap = int(overlap)
+        if not 0 <= overlap < tile:
+            raise ConfigError(f"tile overlap {overlap} must be in [0, {tile}) for tile size {tile}")
+        return tile, overlap
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = autocast_dtype(self.device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, S, S, 3) uint8`` tiles -> ``(B, C, S, S) float32`` logits on the CPU."""
+        images = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+        # Modes are entered and left within this call: the generator never yields inside them.
+        with torch.inference_mode(), self._autocast():
+            output = self.model(images)
+            channels = [output.fine_logits]
+            if output.distance_logits is not None:
+                channels.append(output.distance_logits)
+            logits = torch.cat(channels, dim=1).float()
+        size = batch.shape[1]
+        if logits.shape[0] != batch.shape[0] or logits.shape[2:] != (size, size):
+            raise AmaSamError(
+                f"model output has shape {tuple(logits.shape)} for {batch.shape[0]} tiles of "
+                f"{size}x{size}; expected B x C x {size} x {size}"
+            )
+        return logits.cpu().numpy()
+
+    # ---------------------------------------------------------------------------- public
+    def iter_predict_maps(
+        self,
+        image: np.ndarray,
+        *,
+        tile_size: int | None = None,
+        overlap: int | None = None,
+        batch_size: int = 4,
+        input_mpp: float | None = None,
+    ) -> Generator[Progress, None, Maps]:
+        """Run the network over an image tile by tile.
+
+        Parameters
+        ----------
+        image : ndarray
+            ``H x W`` grayscale, ``H x W x C`` (RGB/RGBA) or ``C x H x W``, any dtype
+            (see ``data.io.as_rgb_uint8``).
+        tile_size : int, optional
+            Tile side, at most the model input size (default: the model input size; smaller
+            tiles are zero-padded to it, as training pads small crops).
+        overlap : int, optional
+            Overlap between tiles (default ``tile_size // 8``, at least 32).
+        batch_size : int
+            Tiles per forward pass.
+        input_mpp : float, optional
+            Microns per pixel of ``image``; with the model's mpp the image is rescaled to the
+            training resolution before tiling and the maps are resized back.
+
+        Yields
+        ------
+        dict
+            ``{"stage": "tile", "done": tiles_done, "total": n_tiles}`` after each batch.
+
+        Returns
+        -------
+        Maps
+            At the image's native ``H x W`` (via ``StopIteration.value``; see
+            :meth:`predict_maps`).
+        """
+        if self.is_classical:
+            raise AmaSamError("the classical baseline produces labels only, not probability maps")
+        from ..data.io import as_rgb_uint8
+
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch size must be at least 1, not {batch_size}")
+        batch_size = int(batch_size)
+        tile, overlap = self._tile_parameters(tile_size, overlap)
+        network_size = self.model_config.image_size
+
+        rgb = as_rgb_uint8(image, "image")
+        height, width = rgb.shape[:2]
+        scale = self._scale_for(input_mpp)
+        if scale != 1.0:
+            # Network sees the training resolution: factor = mpp_input / mpp_model.
+            rgb = _rescale_image(rgb, 1.0 / scale)
+        scaled_h, scaled_w = rgb.shape[:2]
+
+        stitcher: TileStitcher | None = None
+        tiles = tile_grid(scaled_h, scaled_w, tile, overlap)
+        total = len(tiles)
+        for start in range(0, total, batch_size):
+            batch_tiles = tiles[start : start + batch_size]
+            # Zero (black) padding, as the training dataset pads crops smaller than S.
+            batch = np.zeros((len(batch_tiles), network_size, network_size, 3), dtype=np.uint8)
+            for i, t in enumerate(batch_tiles):
+                rows, cols = t.image_slices
+                batch[i, : t.height, : t.width] = rgb[rows, cols]
+            logits = self._run_batch(batch)
+            if stitcher is None:
+                stitcher = TileStitcher(logits.shape[1], scaled_h, scaled_w, tile, overlap)
+            for i, t in enumerate(batch_tiles):
+                stitcher.add(t, logits[i, :, :tile, :tile])
+            del batch, logits
+            yield {"stage": "tile", "done": start + len(batch_tiles), "total": total}
+
+        blended = stitcher.result()
+        del stitcher, rgb
+        if (scaled_h, scaled_w) != (height, width):
+            # Resize logits (not probabilities) back to native size, then squash (method.md 5).
+            blended = _resize_maps(blended, height, width)
+        probabilities = _sigmoid_inplace(blended)
+        has_distances = probabilities.shape[0] >= 3
+        return Maps(
+            foreground=probabilities[0],
+            center_distance=probabilities[1] if has_distances else None,
+            boundary_distance=probabilities[2] if has_distances else None,
+            scale=float(scale),
+        )
+
+    def predict_maps(self, image: np.ndarray, **kwargs: Any) -> Maps:
+        """:meth:`iter_predict_maps` run to the end; returns its :class:`Maps`."""
+        generator = self.iter_predict_maps(image, **kwargs)
+        while True:
+            try:
+                next(generator)
+            except StopIteration as stop:
+                return stop.value
+
+    def postprocess(self, maps: Maps, thresholds: PostprocessConfig | None = None) -> np.ndarray:
+        """Instance labels from :class:`Maps` (no network involved).
+
+        Parameters
+        ----------
+        maps : Maps
+            From :meth:`predict_maps`.
+        thresholds : PostprocessConfig, optional
+            Overrides this predictor's thresholds.
+
+        Returns
+        -------
+        ndarray
+            ``H x W int32``, 0 = background, nuclei 1..N.
+        """
+        if maps is None:
+            raise AmaSamError("the classical baseline has no maps to post-process; segment again")
+        from .postprocess import instances_from_maps
+
+        labels = instances_from_maps(
+            maps.foreground,
+            maps.center_distance,
+            maps.boundary_distance,
+            thresholds if thresholds is not None else self.thresholds,
+            scale=maps.scale,
+        )
+        return np.asarray(labels, dtype=np.int32)
+
+    def iter_segment(
+        self,
+        image: np.ndarray,
+        *,
+        tile_size: int | None = None,
+        overlap: int | None = None,
+        batch_size: int = 4,
+        input_mpp: float | None = None,
+        thresholds: PostprocessConfig | None = None,
+    ) -> Generator[Progress, None, SegmentResult]:
+        """Tile records (as :meth:`iter_predict_maps`), then ``{"stage": "postprocess"}``.
+
+        Returns
+        -------
+        SegmentResult
+            ``labels`` ``H x W int32`` and the maps (None for the classical baseline).
+        """
+        if self.is_classical:
+            from ..data.io import as_rgb_uint8
+            from .classical import segment_classical
+
+            rgb = as_rgb_uint8(image, "image")
+            scale = self._scale_for(input_mpp)
+            yield {"stage": "postprocess"}
+            labels = segment_classical(rgb, scale=scale, cfg=self._classical_cfg)
+            return SegmentResult(np.asarray(labels, dtype=np.int32), None)
+        maps = yield from self.iter_predict_maps(
+            image,
+            tile_size=tile_size,
+            overlap=overlap,
+            batch_size=batch_size,
+            input_mpp=input_mpp,
+        )
+        yield {"stage": "postprocess"}
+        return SegmentResult(self.postprocess(maps, thresholds), maps)
+
+    def segment(self, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+        """:meth:`iter_segment` run to the end; returns the ``H x W int32`` labels."""
+        generator = self.iter_segment(image, **kwargs)
+        while True:
+            try:
+                next(generator)
+            except StopIteration as stop:
+                return stop.value.labels
