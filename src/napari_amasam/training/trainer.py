@@ -279,7 +279,7 @@ def train(
                 optimizer.step()
             step += 1
             steps_timed += 1
-            epoch_losses.append(float(loss))
+            epoch_losses.append(float(loss.detach()))
             per_step = (time.perf_counter() - t_start) / steps_timed
             if is_main:
                 yield {"stage": "train", "epoch": epoch, "epochs": n_epochs, "step": step,

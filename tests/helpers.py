@@ -1,0 +1,45 @@
+"""Shared test data builders: small real H&E folders and a tiny model configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "resources" / "demo" / "data"
+
+
+def tiny_model_config(**overrides):
+    from napari_amasam.config import ModelConfig
+
+    kwargs = dict(backbone="tiny", image_size=128, tiny_embed_dim=32, tiny_depth=2, tiny_heads=2,
+                  tiny_global_attn=(1,), tiny_window_size=4, trainable_backbone=True)
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def make_folder(dst: Path, source: Path, n: int, crop: int = 256, stride_offset: int = 0) -> Path:
+    """Copy ``n`` crops of a bundled dataset folder into ``dst/images`` + ``dst/labels``."""
+    (dst / "images").mkdir(parents=True, exist_ok=True)
+    (dst / "labels").mkdir(parents=True, exist_ok=True)
+    images = sorted((source / "images").iterdir())[:n]
+    for path in images:
+        image = iio.imread(path)[..., :3]
+        labels = tifffile.imread(source / "labels" / f"{path.stem}.tif")
+        top = left = stride_offset
+        image = image[top : top + crop, left : left + crop]
+        labels = labels[top : top + crop, left : left + crop]
+        iio.imwrite(dst / "images" / f"{path.stem}.png", np.ascontiguousarray(image))
+        tifffile.imwrite(dst / "labels" / f"{path.stem}.tif", labels.astype(np.uint16))
+    return dst
+
+
+def primary_folder(tmp_path: Path, n: int = 4) -> Path:
+    return make_folder(tmp_path / "primary", DEMO_DATA / "monuseg_train", n)
+
+
+def aux_folder(tmp_path: Path, n: int = 3) -> Path:
+    return make_folder(tmp_path / "aux", DEMO_DATA / "tnbc_aux", n)

@@ -1,0 +1,147 @@
+"""Training engine on real H&E crops with a tiny SAM-shaped model (CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_amasam.config import TrainConfig
+from napari_amasam.errors import DataError
+from napari_amasam.training.model_folder import load_model, read_history, read_model_folder
+from napari_amasam.training.trainer import run_training, train
+
+from .helpers import aux_folder, primary_folder, tiny_model_config
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(primary=str(primary_folder(tmp_path)), out=str(tmp_path / "model"), epochs=1,
+                steps_per_epoch=3, batch_size=2, lr=1e-3, device="cpu", seed=0, augment=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_the_loss_on_real_images(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1, steps_per_epoch=30, val_fraction=0.25)
+    out, records = run_training(cfg, tiny_model_config())
+    losses = [r["loss"] for r in records if r["stage"] == "train"]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    val = [r for r in records if r["stage"] == "val"]
+    assert val and 0.0 <= val[-1]["metrics"]["dice"] <= 1.0 and "aji" in val[-1]["metrics"]
+    # The model folder is self-describing and loads for inference.
+    folder = read_model_folder(out)
+    assert folder.model.backbone == "tiny" and folder.train.seed == 0
+    for name in ("config.json", "thresholds.json", "weights.pt", "best.pt", "last.pt",
+                 "base_sam.pt", "history.csv"):
+        assert (out / name).is_file(), name
+    history = read_history(out)
+    assert len(history) == 1 and "val_dice" in history[0]
+    model, _ = load_model(out)
+    x = torch.full((1, 3, 128, 128), 128.0)
+    assert model(x).fine_logits.shape == (1, 1, 128, 128)
+
+
+@pytest.mark.parametrize("alignment", ["cgrl", "grl", "none"])
+def test_primary_plus_auxiliary_with_each_alignment(tmp_path, alignment):
+    cfg = _cfg(tmp_path, aux=[str(aux_folder(tmp_path))], steps_per_epoch=2, val_fraction=0.0)
+    out, records = run_training(cfg, tiny_model_config(alignment=alignment))
+    train_records = [r for r in records if r["stage"] == "train"]
+    assert len(train_records) == 2
+    has_domain_loss = all("domain" in r["losses"] for r in train_records)
+    assert has_domain_loss == (alignment != "none")
+    assert read_model_folder(out).model.num_domains == 2
+
+
+def test_cancel_stops_and_saves_a_loadable_model(tmp_path):
+    cancel = threading.Event()
+    cfg = _cfg(tmp_path, epochs=5, steps_per_epoch=4)
+    seen = []
+    for record in train(cfg, tiny_model_config(), cancel=cancel):
+        seen.append(record)
+        if record["stage"] == "train" and record["step"] == 2:
+            cancel.set()
+    done = seen[-1]
+    assert done["stage"] == "done" and done["cancelled"] and done["step"] == 2
+    state = torch.load(tmp_path / "model" / "last.pt", weights_only=True)
+    assert state["step"] == 2
+    model, _ = load_model(tmp_path / "model")
+    assert model(torch.zeros(1, 3, 128, 128)).fine_logits.shape[-1] == 128
+
+
+def test_stopping_iteration_still_saves(tmp_path):
+    gen = train(_cfg(tmp_path, epochs=5, steps_per_epoch=4), tiny_model_config())
+    for record in gen:
+        if record["stage"] == "train" and record["step"] == 3:
+            break
+    gen.close()
+    state = torch.load(tmp_path / "model" / "last.pt", weights_only=True)
+    assert state["step"] == 3
+
+
+def test_bad_data_reports_every_problem_and_writes_nothing(tmp_path):
+    primary = primary_folder(tmp_path)
+    (primary / "labels" / sorted(os.listdir(primary / "labels"))[0]).unlink()
+    (primary / "images" / "broken.png").write_bytes(b"not a png")
+    aux = tmp_path / "empty_aux"
+    (aux / "images").mkdir(parents=True)
+    (aux / "labels").mkdir()
+    cfg = _cfg(tmp_path, primary=str(primary), aux=[str(aux)])
+    with pytest.raises(DataError) as info:
+        list(train(cfg, tiny_model_config()))
+    message = str(info.value)
+    assert "broken.png" in message and "empty_aux" in message
+    assert len(message.splitlines()) >= 3
+    assert not (tmp_path / "model").exists()
+
+
+def _train_cmd(primary, out, *extra):
+    return [sys.executable, "-m", "napari_amasam.cli", "train", "--primary", str(primary),
+            "--out", str(out), "--backbone", "tiny", "--image-size", "128", "--epochs", "4",
+            "--steps-per-epoch", "3", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu",
+            "--trainable-backbone", "--val-fraction", "0", "--no-augment", "--quiet", *extra]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    primary = primary_folder(tmp_path)
+    # Same tiny architecture as the other tests, chosen through the CLI defaults for tiny.
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(primary, full), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(primary, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_history(killed)) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(read_history(killed)) < 4, "the run should be killed part-way"
+    subprocess.run([sys.executable, "-m", "napari_amasam.cli", "train", "--resume", str(killed),
+                    "--quiet"], check=True, capture_output=True)
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    assert [r["epoch"] for r in read_history(killed)] == ["1", "2", "3", "4"]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_completes(tmp_path):
+    primary = primary_folder(tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "napari_amasam.cli", *_train_cmd(primary, out)[3:]]
+    cmd[cmd.index("--epochs") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 3
+    load_model(out)
