@@ -29,6 +29,7 @@ from ..config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
 from . import distributed as dist_utils
+from ..data.dataset import primary_rows
 from .losses import LossWeights, amasam_loss
 from .model_folder import (
     append_history,
@@ -74,7 +75,7 @@ def default_steps_per_epoch(datasets, cfg: TrainConfig, image_size: int) -> int:
     """Enough steps for the primary-domain crops of one epoch to cover every primary pixel once."""
     primary = datasets[0]
     pixels = sum(int(np.prod(primary.load(i)[1].shape)) for i in range(len(primary)))
-    primary_per_batch = max(1, round(cfg.batch_size * cfg.primary_share)) if len(datasets) > 1 else cfg.batch_size
+    primary_per_batch = primary_rows(cfg.batch_size, cfg.primary_share, len(datasets) - 1)
     return max(1, math.ceil(pixels / (image_size * image_size * primary_per_batch)))
 
 
