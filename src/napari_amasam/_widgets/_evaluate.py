@@ -1,0 +1,184 @@
+"""Evaluate widget: a prediction vs a ground-truth Labels layer -> metrics + error layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import notify
+
+if TYPE_CHECKING:
+    import napari
+
+#: Rows of the metrics table: (metric key, label shown).
+METRIC_ROWS = (
+    ("dice", "Dice"),
+    ("aji", "AJI"),
+    ("aji_plus", "AJI+"),
+    ("pq", "PQ"),
+    ("dq", "DQ (detection quality)"),
+    ("sq", "SQ (segmentation quality)"),
+    ("dice2", "Dice2 (object Dice)"),
+    ("f1", "Detection F1"),
+)
+#: Values of the error layer.
+FALSE_POSITIVE, FALSE_NEGATIVE = 1, 2
+
+
+def match_nuclei(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Which nuclei are matched one-to-one (IoU above ``iou``, as PQ counts them).
+
+    Parameters
+    ----------
+    gt, pred : (H, W) integer arrays
+        Instance maps, 0 = background.
+    iou : float
+        Matching threshold; above 0.5 a match is unique, so no assignment is needed.
+
+    Returns
+    -------
+    unmatched_pred, unmatched_gt : 1-D int arrays
+        Ids of false-positive predictions and of false-negative (missed) ground-truth nuclei.
+    """
+    gt = np.asarray(gt).astype(np.int64, copy=False).ravel()
+    pred = np.asarray(pred).astype(np.int64, copy=False).ravel()
+    gt_ids, gt_inv = np.unique(gt, return_inverse=True)
+    pred_ids, pred_inv = np.unique(pred, return_inverse=True)
+    n_pred = len(pred_ids)
+    # Joint histogram of (gt index, pred index) codes: intersections of every overlapping pair.
+    codes, inter = np.unique(gt_inv * n_pred + pred_inv, return_counts=True)
+    g, p = np.divmod(codes, n_pred)
+    gt_area = np.bincount(gt_inv, minlength=len(gt_ids))
+    pred_area = np.bincount(pred_inv, minlength=n_pred)
+    foreground = (gt_ids[g] != 0) & (pred_ids[p] != 0)
+    g, p, inter = g[foreground], p[foreground], inter[foreground]
+    ious = inter / (gt_area[g] + pred_area[p] - inter)
+    matched = ious > iou
+    matched_gt, matched_pred = set(gt_ids[g[matched]]), set(pred_ids[p[matched]])
+    unmatched_pred = np.array([i for i in pred_ids if i != 0 and i not in matched_pred], dtype=np.int64)
+    unmatched_gt = np.array([i for i in gt_ids if i != 0 and i not in matched_gt], dtype=np.int64)
+    return unmatched_pred, unmatched_gt
+
+
+def error_map(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[np.ndarray, int, int]:
+    """``(H, W) uint8``: 1 = false-positive prediction, 2 = missed ground truth; and both counts.
+
+    Where a missed nucleus and a false positive overlap, the false positive is shown.
+    """
+    fp_ids, fn_ids = match_nuclei(gt, pred, iou)
+    errors = np.zeros(np.shape(gt), dtype=np.uint8)
+    errors[np.isin(gt, fn_ids)] = FALSE_NEGATIVE
+    errors[np.isin(pred, fp_ids)] = FALSE_POSITIVE
+    return errors, len(fp_ids), len(fn_ids)
+
+
+class EvaluateWidget(QWidget):
+    """Compare a predicted Labels layer with a ground-truth one."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.metrics: dict[str, float] = {}
+        self.last_error: BaseException | None = None
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        self.prediction = QComboBox()
+        self.ground_truth = QComboBox()
+        form.addRow("Prediction", self.prediction)
+        form.addRow("Ground truth", self.ground_truth)
+        layout.addLayout(form)
+        self.evaluate_button = QPushButton("Evaluate")
+        self.evaluate_button.clicked.connect(self.evaluate)
+        layout.addWidget(self.evaluate_button)
+        self.table = QTableWidget(0, 2)
+        self.table.setHorizontalHeaderLabels(["metric", "value"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        layout.addWidget(self.table)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        self._refresh_layers()
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+
+    def _refresh_layers(self, *_: Any) -> None:
+        from napari.layers import Labels
+
+        names = [layer.name for layer in self.viewer.layers
+                 if isinstance(layer, Labels) and not layer.name.endswith(" errors")]
+        for combo, prefer in ((self.prediction, " nuclei"), (self.ground_truth, "ground truth")):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            else:  # sensible defaults: `<image> nuclei` vs `<image> ground truth`
+                preferred = [n for n in names if n.endswith(prefer)]
+                if preferred:
+                    combo.setCurrentText(preferred[0])
+            combo.blockSignals(False)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Fill the table and add/update the ``<prediction> errors`` layer; returns the metrics."""
+        from ..metrics import evaluate_pair
+
+        pred_name, gt_name = self.prediction.currentText(), self.ground_truth.currentText()
+        if not pred_name or not gt_name:
+            return self._fail(ValueError("choose a prediction and a ground-truth Labels layer"))
+        pred_layer, gt_layer = self.viewer.layers[pred_name], self.viewer.layers[gt_name]
+        pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
+        if pred.shape != gt.shape:
+            return self._fail(ValueError(
+                f"{pred_name}: shape {pred.shape} differs from {gt_name} {gt.shape}"))
+        try:
+            metrics = {k: float(v) for k, v in evaluate_pair(gt, pred).items()}
+        except Exception as exc:
+            return self._fail(exc)
+        errors, n_fp, n_fn = error_map(gt, pred)
+        self.metrics = metrics
+        rows = [(label, metrics[key]) for key, label in METRIC_ROWS if key in metrics]
+        rows += [("false positives", n_fp), ("false negatives", n_fn)]
+        self.table.setRowCount(len(rows))
+        for i, (label, value) in enumerate(rows):
+            self.table.setItem(i, 0, QTableWidgetItem(label))
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            self.table.setItem(i, 1, QTableWidgetItem(text))
+        self.table.resizeColumnsToContents()
+        self._write_error_layer(pred_layer, errors)
+        self.status.setText(f"{n_fp} false positives (magenta), {n_fn} missed nuclei (cyan)")
+        return metrics
+
+    def _write_error_layer(self, pred_layer, errors: np.ndarray):
+        name = f"{pred_layer.name} errors"
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = errors
+            return layer
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colormap = DirectLabelColormap(color_dict={
+            None: "transparent", 0: "transparent",
+            FALSE_POSITIVE: "magenta", FALSE_NEGATIVE: "cyan"})
+        return self.viewer.add_labels(
+            errors, name=name, colormap=colormap, opacity=0.8,
+            scale=tuple(pred_layer.scale), translate=tuple(pred_layer.translate),
+            metadata={"values": {FALSE_POSITIVE: "false positive", FALSE_NEGATIVE: "false negative"}})
+
+    def _fail(self, exc: BaseException) -> None:
+        self.last_error = exc
+        self.status.setText(f"error: {exc}")
+        notify(str(exc), error=True)
+        return None

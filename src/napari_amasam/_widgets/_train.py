@@ -1,0 +1,295 @@
+"""Train widget: data folders and settings in, a model folder out, with a live plot."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import PathPicker, Progress, device_combo, notify, trained_models
+from ._plot import TrainingPlot
+from ._workers import Job
+
+if TYPE_CHECKING:
+    import napari
+
+
+def describe_folder(path: str, role: str = "primary") -> tuple[str, list[str], bool]:
+    """Check one data folder: ``(one-line summary, problems + warnings, ok)``."""
+    from ..data.folders import check_folder
+
+    check = check_folder(path, role)
+    summary = (f"{check.n_pairs} valid pair{'s' if check.n_pairs != 1 else ''}, "
+               f"{check.n_nuclei} nuclei")
+    if check.problems:
+        summary += f", {len(check.problems)} problem{'s' if len(check.problems) != 1 else ''}"
+    details = list(check.problems) + [f"warning: {w}" for w in check.warnings]
+    return summary, details, not check.problems
+
+
+class TrainWidget(QWidget):
+    """Fine-tune AMA-SAM on a primary folder plus auxiliary folders.
+
+    ``record_received`` is emitted (on the UI thread) with every trainer record; ``finished``
+    with the model folder (str) when a run ends with a loadable model.
+
+    ``model_options`` (dict) are extra :class:`~napari_amasam.config.ModelConfig` fields
+    for scripts and tests (e.g. a smaller ``tiny`` encoder); the form sets the rest.
+    """
+
+    record_received = Signal(dict)
+    finished = Signal(str)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer | None = None):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.job: Job | None = None
+        self.last_error: BaseException | None = None
+        self.last_done: dict | None = None
+        self.model_options: dict[str, Any] = {}
+        self._progress: Progress | None = None
+        self._build()
+
+    # ----------------------------------------------------------------------------- layout
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+
+        data = QGroupBox("Data")
+        form = QFormLayout(data)
+        self.primary = PathPicker("folder", "Primary data folder (images/ + labels/)")
+        self.primary.edit.editingFinished.connect(self.refresh_primary)
+        self.primary_status = QLabel("no folder")
+        self.primary_status.setWordWrap(True)
+        form.addRow("Primary folder", self.primary)
+        form.addRow("", self.primary_status)
+
+        self.aux_list = QListWidget()
+        self.aux_list.setMaximumHeight(90)
+        self.aux_picker = PathPicker("folder", "Auxiliary data folder")
+        add, remove = QPushButton("Add"), QPushButton("Remove")
+        add.clicked.connect(lambda: self.add_aux_folder(self.aux_picker.text()))
+        remove.clicked.connect(self.remove_selected_aux)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.aux_picker)
+        buttons.addWidget(add)
+        buttons.addWidget(remove)
+        form.addRow("Auxiliary folders", self.aux_list)
+        form.addRow("", buttons)
+        layout.addWidget(data)
+
+        model = QGroupBox("Model and training")
+        form = QFormLayout(model)
+        self.backbone = QComboBox()
+        self.backbone.addItems(["tiny", "vit_b", "vit_l", "vit_h"])
+        self.backbone.setCurrentText("vit_b")
+        self.backbone.currentTextChanged.connect(self._backbone_changed)
+        self.checkpoint = PathPicker("open", "SAM checkpoint", "PyTorch checkpoint (*.pth *.pt)")
+        self.alignment = QComboBox()
+        self.alignment.addItems(["cgrl", "grl", "none"])
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 10000)
+        self.epochs.setValue(30)
+        self.steps_per_epoch = QSpinBox()
+        self.steps_per_epoch.setRange(0, 1000000)
+        self.steps_per_epoch.setSpecialValueText("auto")
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(6)
+        self.lr.setRange(1e-6, 1.0)
+        self.lr.setSingleStep(1e-5)
+        self.lr.setValue(1e-4)
+        self.batch_size = QSpinBox()
+        self.batch_size.setRange(1, 256)
+        self.batch_size.setValue(4)
+        self.image_size = QSpinBox()
+        self.image_size.setRange(64, 4096)
+        self.image_size.setSingleStep(64)
+        self.image_size.setValue(1024)
+        self.device = device_combo()
+        self.output = PathPicker("folder", "Output model folder")
+        form.addRow("Base model", self.backbone)
+        form.addRow("SAM checkpoint", self.checkpoint)
+        form.addRow("Alignment", self.alignment)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Steps per epoch", self.steps_per_epoch)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Batch size", self.batch_size)
+        form.addRow("Input size", self.image_size)
+        form.addRow("Device", self.device)
+        form.addRow("Output folder", self.output)
+        layout.addWidget(model)
+
+        run = QHBoxLayout()
+        self.start_button = QPushButton("Start")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        run.addWidget(self.start_button)
+        run.addWidget(self.cancel_button)
+        layout.addLayout(run)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        layout.addWidget(self.status)
+        self.plot = TrainingPlot()
+        layout.addWidget(self.plot, stretch=1)
+        self._backbone_changed(self.backbone.currentText())
+
+    def _backbone_changed(self, backbone: str) -> None:
+        self.checkpoint.setEnabled(backbone != "tiny")
+        # The random tiny encoder is for quick runs; SAM's own input size is 1024.
+        self.image_size.setValue(256 if backbone == "tiny" else 1024)
+
+    # ------------------------------------------------------------------------ data folders
+    def refresh_primary(self) -> bool:
+        """Check the primary folder and show its summary; returns whether it is usable."""
+        path = self.primary.text()
+        if not path:
+            self.primary_status.setText("no folder")
+            return False
+        summary, details, ok = describe_folder(path, "primary")
+        self.primary_status.setText("\n".join([summary] + details[:5]))
+        self.primary_status.setToolTip("\n".join(details))
+        return ok
+
+    def add_aux_folder(self, path: str) -> QListWidgetItem | None:
+        """Add an auxiliary folder with its pair count and problems; returns the list item."""
+        path = str(path).strip()
+        if not path:
+            return None
+        if path in self.aux_folders():
+            notify(f"{path}: already in the auxiliary list")
+            return None
+        role = f"auxiliary {self.aux_list.count() + 1}"
+        summary, details, ok = describe_folder(path, role)
+        item = QListWidgetItem(f"{'' if ok else '⚠ '}{path} — {summary}")
+        item.setData(Qt.UserRole, path)
+        item.setToolTip("\n".join(details) or "no problems found")
+        self.aux_list.addItem(item)
+        return item
+
+    def remove_selected_aux(self) -> None:
+        for item in self.aux_list.selectedItems():
+            self.aux_list.takeItem(self.aux_list.row(item))
+
+    def aux_folders(self) -> list[str]:
+        return [self.aux_list.item(i).data(Qt.UserRole) for i in range(self.aux_list.count())]
+
+    # ----------------------------------------------------------------------------- configs
+    def configs(self):
+        """``(TrainConfig, ModelConfig)`` from the form (raises ConfigError on bad values)."""
+        from ..config import ConfigError, ModelConfig, TrainConfig
+
+        if not self.primary.text():
+            raise ConfigError("choose a primary data folder")
+        if not self.output.text():
+            raise ConfigError("choose an output folder for the model")
+        backbone = self.backbone.currentText()
+        model_cfg = ModelConfig(
+            backbone=backbone, image_size=self.image_size.value(),
+            alignment=self.alignment.currentText(), **self.model_options,
+        )
+        checkpoint = self.checkpoint.text() or None if backbone != "tiny" else None
+        train_cfg = TrainConfig(
+            primary=self.primary.text(), aux=self.aux_folders(), out=self.output.text(),
+            checkpoint=checkpoint, epochs=self.epochs.value(),
+            steps_per_epoch=self.steps_per_epoch.value(), batch_size=self.batch_size.value(),
+            lr=self.lr.value(), device=self.device.currentText(),
+        )
+        return train_cfg, model_cfg
+
+    # ------------------------------------------------------------------------------- run
+    def start(self) -> Job | None:
+        """Start training with the form's settings (in a thread worker)."""
+        from ..config import ConfigError
+        from ..errors import AmaSamError
+
+        if self.job is not None and self.job.running:
+            notify("training is already running")
+            return None
+        try:
+            train_cfg, model_cfg = self.configs()
+        except (ConfigError, AmaSamError) as exc:
+            self._show_error(exc)
+            return None
+        if model_cfg.backbone != "tiny" and not train_cfg.checkpoint:
+            notify(f"no SAM checkpoint for {model_cfg.backbone}: the encoder gets random weights")
+        return self.run_training(train_cfg, model_cfg)
+
+    def run_training(self, train_cfg, model_cfg=None, resume: bool = False) -> Job:
+        """Run ``trainer.train`` through the worker path (also used by Segment's Fine-tune)."""
+        from ..config import ModelConfig
+        from ..training.trainer import train
+
+        cancel = threading.Event()
+        generator = train(train_cfg, model_cfg or ModelConfig(), resume=resume, cancel=cancel)
+        self.last_error, self.last_done = None, None
+        self.plot.clear()
+        self._progress = Progress("training")
+        self.status.setText(f"training → {train_cfg.out}")
+        self.start_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.job = Job(generator, cancel_event=cancel, on_yielded=self._on_record,
+                       on_errored=self._show_error, on_finished=self._on_finished)
+        return self.job.start()
+
+    def cancel(self) -> None:
+        """Stop at the next step; the trainer saves a loadable model first."""
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+            self.status.setText("cancelling: saving what was trained…")
+
+    def _on_record(self, record: dict) -> None:
+        stage = record.get("stage")
+        if stage == "train":
+            if self._progress is not None:
+                self._progress.update_to(record["step"], record["total_steps"],
+                                         f"epoch {record['epoch']}/{record['epochs']}")
+            self.status.setText(
+                f"step {record['step']}/{record['total_steps']}  epoch {record['epoch']}/"
+                f"{record['epochs']}  loss {record['loss']:.4f}  eta {record['eta_s']:.0f} s")
+        elif stage == "val":
+            m = record.get("metrics", {})
+            self.status.setText(f"validation epoch {record['epoch']}: " + "  ".join(
+                f"{k} {m[k]:.3f}" for k in ("dice", "aji", "pq") if k in m))
+        elif stage == "setup":
+            self.status.setText(record.get("message", ""))
+        elif stage == "done":
+            self.last_done = record
+            state = "cancelled" if record.get("cancelled") else "finished"
+            self.status.setText(f"training {state} at step {record['step']}: "
+                                f"{record['model_dir']}")
+        self.plot.add_record(record)
+        self.record_received.emit(record)
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.start_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self.last_done is not None and (Path(self.last_done["model_dir"]) / "weights.pt").is_file():
+            folder = self.last_done["model_dir"]
+            trained_models().add(folder)
+            self.finished.emit(folder)
+
+    def _show_error(self, exc: BaseException) -> None:
+        self.last_error = exc
+        self.status.setText(f"error: {exc}")
+        notify(str(exc), error=True)

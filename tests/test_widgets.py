@@ -1,0 +1,414 @@
+"""The napari widgets, driven as a user would (under Xvfb, with napari's viewer fixture).
+
+Long jobs run synchronously (``NAPARI_AMASAM_NOTHREADS=1``, set in conftest.py) except in
+the one test that checks the threaded path. Models are the random-weight ``tiny`` backbone
+trained for two steps on crops of the bundled MoNuSeg sample; the classical baseline is used
+where a model's quality does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+import imageio.v3 as iio  # noqa: E402
+import tifffile  # noqa: E402
+
+from napari_amasam._sample_data import load_sample  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-amasam"
+TINY = dict(tiny_embed_dim=32, tiny_depth=2, tiny_heads=2, tiny_global_attn=(1,))
+
+
+# --------------------------------------------------------------------------- fixtures
+def _write_primary(root: Path) -> Path:
+    """Four 256x256 image/label pairs cropped from the breast sample."""
+    image, labels = load_sample("monuseg_breast")
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i, (y, x) in enumerate([(0, 0), (0, 256), (256, 0), (256, 256)]):
+        iio.imwrite(root / "images" / f"crop{i}.png", image[y:y + 256, x:x + 256])
+        tifffile.imwrite(root / "labels" / f"crop{i}.tif", labels[y:y + 256, x:x + 256])
+    return root
+
+
+@pytest.fixture(scope="session")
+def primary_folder(tmp_path_factory) -> Path:
+    return _write_primary(tmp_path_factory.mktemp("data") / "primary")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(primary_folder, tmp_path_factory) -> Path:
+    """A tiny AMA-SAM trained for two steps (through the engine, not a widget)."""
+    from napari_amasam.config import ModelConfig, TrainConfig
+    from napari_amasam.training.trainer import run_training
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    folder, _ = run_training(
+        TrainConfig(primary=str(primary_folder), out=str(out), epochs=1, steps_per_epoch=2,
+                    batch_size=2, device="cpu", val_fraction=0.0),
+        ModelConfig(backbone="tiny", image_size=128, **TINY),
+    )
+    return Path(folder)
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left_running():
+    """After every test: no napari worker and no pooled Qt thread is still running."""
+    yield
+    from qtpy.QtCore import QThreadPool
+    from superqt.utils._qthreading import WorkerBase
+
+    pool = QThreadPool.globalInstance()
+    pool.waitForDone(5000)
+    assert pool.activeThreadCount() == 0
+    assert not WorkerBase._worker_set
+
+
+def _dock(viewer, name):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def _add_sample(viewer, crop: int | None = None):
+    """The breast sample (optionally its top-left ``crop`` pixels) as image + ground truth."""
+    image, labels = load_sample("monuseg_breast")
+    if crop:
+        image, labels = image[:crop, :crop], labels[:crop, :crop]
+    image_layer = viewer.add_image(image, name="breast", rgb=True, metadata={"mpp": 0.25})
+    gt_layer = viewer.add_labels(labels, name="breast ground truth")
+    return image_layer, gt_layer
+
+
+# ------------------------------------------------------------------------- manifest
+def test_widgets_dock_from_manifest(make_napari_viewer):
+    from napari_amasam._widgets import EvaluateWidget, SegmentWidget, TrainWidget
+
+    viewer = make_napari_viewer()
+    _add_sample(viewer)
+    train = _dock(viewer, "Train")
+    segment = _dock(viewer, "Segment nuclei")
+    evaluate = _dock(viewer, "Evaluate")
+    assert isinstance(train, TrainWidget)
+    assert isinstance(segment, SegmentWidget)
+    assert isinstance(evaluate, EvaluateWidget)
+    # Pickers list the right layer kinds, and follow layers added later.
+    assert segment.image_layer.currentText() == "breast"
+    assert evaluate.ground_truth.currentText() == "breast ground truth"
+    viewer.add_image(np.zeros((32, 32)), name="grey")
+    assert segment.image_layer.findText("grey") >= 0
+    # Devices this machine lacks are listed but cannot be picked.
+    from napari_amasam.device import available_devices
+
+    for combo in (train.device, segment.device):
+        for i in range(combo.count()):
+            name = combo.itemText(i)
+            enabled = combo.model().item(i).isEnabled()
+            assert enabled == (name == "auto" or name in available_devices()), name
+
+
+# ----------------------------------------------------------------------------- train
+def test_train_widget_checks_folders(make_napari_viewer, primary_folder, tmp_path):
+    train = _dock(make_napari_viewer(), "Train")
+    train.primary.setText(str(primary_folder))
+    assert train.refresh_primary()
+    assert "4 valid pairs" in train.primary_status.text()
+
+    broken = tmp_path / "broken"
+    (broken / "images").mkdir(parents=True)
+    (broken / "labels").mkdir()
+    image, labels = load_sample("monuseg_prostate")
+    iio.imwrite(broken / "images" / "a.png", image[:64, :64])
+    tifffile.imwrite(broken / "labels" / "a.tif", labels[:32, :32])  # wrong size
+    iio.imwrite(broken / "images" / "b.png", image[64:128, :64])
+    tifffile.imwrite(broken / "labels" / "b.tif", labels[64:128, :64])
+    item = train.add_aux_folder(str(broken))
+    assert "1 valid pair" in item.text() and "1 problem" in item.text()
+    assert "does not match" in item.toolTip()
+    assert train.aux_folders() == [str(broken)]
+    train.aux_list.setCurrentRow(0)
+    train.remove_selected_aux()
+    assert train.aux_folders() == []
+
+
+def test_train_widget_runs_and_cancel_saves_a_loadable_model(
+        make_napari_viewer, primary_folder, tmp_path):
+    from napari_amasam.inference.predictor import Predictor
+
+    viewer = make_napari_viewer()
+    train = _dock(viewer, "Train")
+    segment = _dock(viewer, "Segment nuclei")
+    out = tmp_path / "model"
+    train.primary.setText(str(primary_folder))
+    train.backbone.setCurrentText("tiny")
+    train.model_options = TINY
+    train.image_size.setValue(128)
+    train.epochs.setValue(2)
+    train.steps_per_epoch.setValue(5)
+    train.batch_size.setValue(2)
+    train.device.setCurrentText("cpu")
+    train.output.setText(str(out))
+
+    records = []
+
+    def on_record(record):
+        records.append(record)
+        if record["stage"] == "train" and record["step"] == 2:
+            train.cancel()
+
+    train.record_received.connect(on_record)
+    job = train.start()
+    assert job is not None and train.last_error is None, train.status.text()
+    stages = [r["stage"] for r in records]
+    train_steps = [r["step"] for r in records if r["stage"] == "train"]
+    assert train_steps == [1, 2]  # stopped at the next step after Cancel, not after 10
+    assert records[-1]["stage"] == "done" and records[-1]["cancelled"] is True
+    assert "save" in stages
+    assert (out / "last.pt").is_file() and (out / "weights.pt").is_file()
+    assert len(train.plot.loss.curves["loss"]) == 2
+    assert "cancelled" in train.status.text()
+    # The saved model loads and is offered in the Segment widget.
+    predictor = Predictor.from_folder(out, device="cpu")
+    assert predictor.model_config.image_size == 128
+    assert segment.model.findText(str(out)) >= 0
+    assert segment.model_name() == str(out)
+    assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()
+
+
+def test_train_widget_reports_bad_settings(make_napari_viewer, tmp_path):
+    train = _dock(make_napari_viewer(), "Train")
+    assert train.start() is None
+    assert "primary" in str(train.last_error)
+    train.primary.setText(str(tmp_path / "missing"))
+    train.output.setText(str(tmp_path / "out"))
+    train.backbone.setCurrentText("tiny")
+    train.start()
+    assert train.last_error is not None and "missing" in str(train.last_error)
+    assert not (tmp_path / "out").exists()  # nothing is written before the data check passes
+
+
+# --------------------------------------------------------------------------- segment
+def test_segment_classical_writes_labels_with_features_and_exports(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    image_layer, _ = _add_sample(viewer)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.image_layer.setCurrentText("breast")
+    assert segment.model_name() == "classical"
+    segment.run()
+    assert segment.last_error is None, segment.status.text()
+    layer = viewer.layers["breast nuclei"]
+    labels = np.asarray(layer.data)
+    ids = np.unique(labels[labels > 0])
+    assert labels.shape == (512, 512) and len(ids) > 20
+    features = layer.features
+    assert np.array_equal(np.sort(features["label"].to_numpy()), ids)
+    assert {"area", "centroid_x", "centroid_y", "mean_intensity"} <= set(features.columns)
+    # Areas in the table are the real pixel counts of those ids.
+    first = int(features["label"].iloc[0])
+    assert int(features["area"].iloc[0]) == int((labels == first).sum())
+    assert tuple(layer.scale) == tuple(image_layer.scale)
+
+    tif = segment.export(tmp_path / "out.tif")
+    assert np.array_equal(tifffile.imread(tif).astype(np.int64), labels)
+    geo = json.loads(segment.export(tmp_path / "out.geojson").read_text())
+    assert len(geo["features"]) == len(ids)
+    csv_lines = segment.export(tmp_path / "out.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == len(ids) + 1
+    assert segment.export(tmp_path / "out.xyz") is None and ".xyz" in str(segment.last_error)
+
+    # A second run updates the same layer instead of adding another one.
+    n_layers = len(viewer.layers)
+    segment.run()
+    assert len(viewer.layers) == n_layers
+
+
+def test_segment_in_a_thread_worker(make_napari_viewer, qtbot, monkeypatch):
+    monkeypatch.setenv("NAPARI_AMASAM_NOTHREADS", "0")
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    job = segment.run()
+    assert job.worker is not None  # really threaded
+    qtbot.waitUntil(lambda: not job.running, timeout=30000)
+    assert segment.last_error is None, segment.status.text()
+    assert "breast nuclei" in viewer.layers
+    assert viewer.layers["breast nuclei"].data.max() > 0
+
+
+def test_segment_tiny_model_rethreshold_skips_network(make_napari_viewer, tiny_model):
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setCurrentText(str(tiny_model))
+    thresholds = json.loads((tiny_model / "thresholds.json").read_text())
+    assert segment.foreground.value() == pytest.approx(thresholds["foreground_threshold"])
+    assert segment.min_size.value() == thresholds["min_size"]
+    assert segment.foreground.isEnabled()
+    segment.device.setCurrentText("cpu")
+    segment.tile_size.setValue(128)
+    segment.overlap.setValue(0)
+
+    forward_calls = []
+    predictor = segment.predictor()
+    predictor.model.register_forward_hook(lambda *args: forward_calls.append(1))
+    segment.run()
+    assert segment.last_error is None, segment.status.text()
+    assert len(forward_calls) == 1  # 4 tiles of 128 px in one batch of 4
+    maps = segment._cache["maps"]
+    assert maps is not None and maps.shape == (256, 256)
+    layer = viewer.layers["breast nuclei"]
+    assert layer.data.shape == (256, 256)
+
+    # Only thresholds change: labels follow the new threshold, the network does not run.
+    threshold = float(np.quantile(maps.foreground, 0.7))
+    segment.foreground.setValue(round(threshold, 2))
+    segment.min_size.setValue(0)
+    segment.rethreshold()
+    assert segment.last_error is None, segment.status.text()
+    assert len(forward_calls) == 1 and segment.network_runs == 1
+    from napari_amasam.inference.predictor import Predictor
+
+    expected = predictor.postprocess(maps, segment.thresholds())
+    assert np.array_equal(np.asarray(layer.data), expected)
+    assert expected.max() > 0
+    # Changing the tiling invalidates the cache: the network runs again.
+    segment.overlap.setValue(16)
+    segment.run()
+    assert len(forward_calls) > 1 and segment.network_runs == 2
+    assert isinstance(predictor, Predictor)
+
+
+def test_segment_batch_over_a_folder(make_napari_viewer, primary_folder, tmp_path):
+    segment = _dock(make_napari_viewer(), "Segment nuclei")
+    segment.batch_geojson.setChecked(True)
+    segment.batch_csv.setChecked(True)
+    out = tmp_path / "batch"
+    segment.run_batch(str(primary_folder / "images"), str(out))
+    assert segment.last_error is None, segment.status.text()
+    for i in range(4):
+        labels = tifffile.imread(out / f"crop{i}_labels.tif")
+        assert labels.shape == (256, 256) and labels.max() > 0
+        assert (out / f"crop{i}.geojson").is_file() and (out / f"crop{i}.csv").is_file()
+    assert segment.network_runs == 4
+
+
+def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, primary_folder,
+                                            tmp_path):
+    from napari_amasam.data.folders import find_pairs
+    from napari_amasam.inference.predictor import Predictor
+
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.run()  # classical labels to "correct"
+    corrected = np.asarray(viewer.layers["breast nuclei"].data).copy()
+    corrected[:20, :20] = corrected.max() + 1  # a user's brush stroke: a new nucleus
+    viewer.layers["breast nuclei"].data = corrected
+
+    # The default destination is the primary folder recorded in the model's config.json.
+    segment.model.setCurrentText(str(tiny_model))
+    assert Path(segment.training_folder()) == primary_folder
+
+    folder = tmp_path / "mydata"
+    shutil.copytree(primary_folder, folder)
+    segment.data_folder.setText(str(folder))
+    written = segment.add_to_training_data(name="corrected_1")
+    assert written is not None, segment.status.text()
+    image_path, label_path = written
+    assert image_path == folder / "images" / "corrected_1.png"
+    assert label_path == folder / "labels" / "corrected_1.tif"
+    assert np.array_equal(iio.imread(image_path), np.asarray(viewer.layers["breast"].data))
+    assert np.array_equal(tifffile.imread(label_path).astype(np.int64), corrected)
+    assert "corrected_1" in [p.stem for p in find_pairs(folder)]
+
+    # The same name again: refused with a message, nothing overwritten.
+    before = label_path.read_bytes()
+    viewer.layers["breast nuclei"].data = np.zeros_like(corrected)
+    assert segment.add_to_training_data(name="corrected_1") is None
+    assert "already exists" in str(segment.last_error)
+    assert "corrected_1" in str(segment.last_error)
+    assert label_path.read_bytes() == before
+
+    # Fine-tune the current model with that folder: a new model folder next to it.
+    segment.device.setCurrentText("cpu")
+    segment.fine_tune(epochs=1)
+    assert segment.last_error is None, segment.status.text()
+    new = tiny_model.with_name(f"{tiny_model.name}_finetuned")
+    assert (new / "weights.pt").is_file()
+    config = json.loads((new / "config.json").read_text())
+    assert config["train"]["init_from"] == str(tiny_model)
+    assert config["train"]["primary"] == str(folder)
+    assert config["data"]["primary"]["n_pairs"] == 5
+    assert segment.model_name() == str(new)
+    Predictor.from_folder(new, device="cpu")
+
+
+def test_fine_tune_refuses_classical(make_napari_viewer):
+    segment = _dock(make_napari_viewer(), "Segment nuclei")
+    assert not segment.finetune_button.isEnabled()
+    assert segment.fine_tune() is None
+    assert "classical" in str(segment.last_error)
+
+
+# -------------------------------------------------------------------------- evaluate
+def test_evaluate_table_and_error_layer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, gt_layer = _add_sample(viewer)
+    evaluate = _dock(viewer, "Evaluate")
+
+    # Ground truth against itself: perfect, no errors.
+    viewer.add_labels(np.asarray(gt_layer.data).copy(), name="copy nuclei")
+    evaluate.prediction.setCurrentText("copy nuclei")
+    evaluate.ground_truth.setCurrentText("breast ground truth")
+    metrics = evaluate.evaluate()
+    assert metrics["dice"] == pytest.approx(1.0) and metrics["aji"] == pytest.approx(1.0)
+    assert metrics["pq"] == pytest.approx(1.0)
+    rows = {evaluate.table.item(i, 0).text(): evaluate.table.item(i, 1).text()
+            for i in range(evaluate.table.rowCount())}
+    assert rows["Dice"] == "1.0000" and rows["AJI+"] == "1.0000"
+    assert rows["false positives"] == "0" and rows["false negatives"] == "0"
+    assert viewer.layers["copy nuclei errors"].data.max() == 0
+
+    # The classical baseline: imperfect, with both kinds of error marked.
+    segment = _dock(viewer, "Segment nuclei")
+    segment.image_layer.setCurrentText("breast")
+    segment.run()
+    evaluate.prediction.setCurrentText("breast nuclei")
+    metrics = evaluate.evaluate()
+    assert 0.3 < metrics["dice"] < 1.0 and metrics["aji"] < 1.0
+    errors = np.asarray(viewer.layers["breast nuclei errors"].data)
+    pred = np.asarray(viewer.layers["breast nuclei"].data)
+    gt = np.asarray(gt_layer.data)
+    assert set(np.unique(errors)) == {0, 1, 2}
+    # Every FP pixel lies in a predicted nucleus; every FN-only pixel in a ground-truth one.
+    assert np.all(pred[errors == 1] > 0) and np.all(gt[errors == 2] > 0)
+    rows = {evaluate.table.item(i, 0).text(): evaluate.table.item(i, 1).text()
+            for i in range(evaluate.table.rowCount())}
+    assert int(rows["false positives"]) > 0 and int(rows["false negatives"]) > 0
+    assert float(rows["Dice"]) == pytest.approx(metrics["dice"], abs=1e-4)
+
+
+def test_match_nuclei_counts_errors():
+    from napari_amasam._widgets._evaluate import error_map, match_nuclei
+
+    gt = np.zeros((20, 20), int)
+    gt[0:5, 0:5] = 1     # found exactly
+    gt[10:15, 10:15] = 2  # missed
+    pred = np.zeros((20, 20), int)
+    pred[0:5, 0:5] = 7
+    pred[0:3, 15:20] = 8  # false positive
+    pred[10:12, 10:12] = 9  # overlaps gt 2 with IoU 4/25: not a match
+    fp, fn = match_nuclei(gt, pred)
+    assert sorted(fp) == [8, 9] and list(fn) == [2]
+    errors, n_fp, n_fn = error_map(gt, pred)
+    assert (n_fp, n_fn) == (2, 1)
+    assert errors[1, 1] == 0 and errors[1, 17] == 1 and errors[14, 14] == 2 and errors[10, 10] == 1
