@@ -1,0 +1,300 @@
+"""Faster, numerically equivalent forward for Segment Anything's ``Attention``.
+
+The official ``segment_anything.modeling.image_encoder.Attention`` materialises the
+``(B*heads, N, N)`` logits, adds the decomposed relative-position bias with a broadcast
+(one more full read and write), runs softmax (another) and a second ``bmm``. On a 2-core CPU
+that is most of the vit_b encoder's time.
+
+This module computes the same result with
+:func:`torch.nn.functional.scaled_dot_product_attention` (a fused, blocked kernel on CPU and
+CUDA), passing the bias ``rel_h[n, kh] + rel_w[n, kw]`` as an additive float ``attn_mask``.
+To keep memory bounded (a global vit_b block has a ``12 x 4096 x 4096`` bias, 805 MB in
+float32) the queries are processed in chunks whose bias fits in ``max_mask_bytes``; in
+inference the chunk buffer is allocated once per call and reused, which also avoids the
+page-fault cost of touching a fresh 805 MB allocation.
+
+Public API
+----------
+``enable_fast_attention(module) -> int``
+    Switch every ``Attention`` inside ``module`` to the fast forward (state_dict unchanged).
+``disable_fast_attention(module) -> int``
+    Switch them back.
+``reference_attention()``
+    Context manager: inside it, switched modules run the original forward.
+``fast_attention_forward(attn, x)``
+    The fast forward as a function, for modules that re-implement ``Attention`` with the
+    same attributes (``qkv``, ``proj``, ``num_heads``, ``scale``, ``use_rel_pos``,
+    ``rel_pos_h``, ``rel_pos_w``).
+``rel_pos_attention(q, k, v, ...)``
+    The attention core on ``(B, heads, N, head_dim)`` tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+
+__all__ = [
+    "DEFAULT_MAX_MASK_BYTES",
+    "FastAttention",
+    "disable_fast_attention",
+    "enable_fast_attention",
+    "fast_attention_enabled",
+    "fast_attention_forward",
+    "reference_attention",
+    "rel_pos_attention",
+    "rel_pos_bias_terms",
+]
+
+#: Largest relative-position bias chunk (bytes) built at once. 64 MiB keeps a global vit_b
+#: block at 5 query rows per chunk and the 25 windows of a windowed block in one chunk.
+DEFAULT_MAX_MASK_BYTES = 64 * 2**20
+
+# Thread-local so that a reference run in one thread (e.g. a test or a benchmark) does not
+# switch the path of a worker thread running inference at the same time.
+_state = threading.local()
+
+
+def fast_attention_enabled() -> bool:
+    """Return whether switched modules currently take the fast path (False inside
+    :func:`reference_attention`)."""
+    return not getattr(_state, "force_reference", False)
+
+
+@contextlib.contextmanager
+def reference_attention() -> Iterator[None]:
+    """Run switched ``Attention`` modules with the original segment_anything forward.
+
+    Used to compare the two paths on the same weights without re-switching modules. Affects
+    only the current thread.
+    """
+    previous = getattr(_state, "force_reference", False)
+    _state.force_reference = True
+    try:
+        yield
+    finally:
+        _state.force_reference = previous
+
+
+def rel_pos_bias_terms(
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decomposed relative-position bias terms of ``add_decomposed_rel_pos``.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        Queries, shape ``(B, heads, H*W, C)`` (unscaled, as in the reference).
+    rel_pos_h, rel_pos_w : torch.Tensor
+        Relative-position tables, shapes ``(Lh, C)`` and ``(Lw, C)``; resized as in
+        ``get_rel_pos`` when ``L != 2*size-1``.
+    size : tuple of int
+        Token grid ``(H, W)``; queries and keys share it (self-attention).
+
+    Returns
+    -------
+    rel_h : torch.Tensor
+        ``(B, heads, H, W, H)``: ``rel_h[..., qh, qw, kh] = q[qh, qw] . Rh[qh, kh]``.
+    rel_w : torch.Tensor
+        ``(B, heads, H, W, W)``: ``rel_w[..., qh, qw, kw] = q[qh, qw] . Rw[qw, kw]``.
+        The bias of key ``(kh, kw)`` is ``rel_h[..., kh] + rel_w[..., kw]``.
+    """
+    height, width = size
+    batch, heads, _, channels = q.shape
+    table_h = get_rel_pos(height, height, rel_pos_h).to(q.dtype)  # (H, H, C)
+    table_w = get_rel_pos(width, width, rel_pos_w).to(q.dtype)  # (W, W, C)
+    q_grid = q.reshape(batch, heads, height, width, channels)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, table_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, table_w)
+    return rel_h, rel_w
+
+
+def _query_chunks(
+    batch: int, rows: int, bytes_per_row: int, max_bytes: int
+) -> list[tuple[int, int, int, int]]:
+    """Split ``batch`` items x ``rows`` query rows into chunks of bias at most ``max_bytes``.
+
+    Returns ``(b0, b1, r0, r1)`` tuples: either several whole items (``r0, r1 = 0, rows``)
+    or a range of query rows of one item. Chunks never straddle items partially, so every
+    chunk is a plain slice of the ``(B, heads, N, C)`` queries.
+    """
+    bytes_per_item = bytes_per_row * rows
+    if bytes_per_item <= max_bytes:
+        items = max(1, max_bytes // bytes_per_item)
+        return [(b0, min(batch, b0 + items), 0, rows) for b0 in range(0, batch, items)]
+    rows_per_chunk = max(1, max_bytes // bytes_per_row)
+    return [
+        (b, b + 1, r0, min(rows, r0 + rows_per_chunk))
+        for b in range(batch)
+        for r0 in range(0, rows, rows_per_chunk)
+    ]
+
+
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rel_pos_h: torch.Tensor | None = None,
+    rel_pos_w: torch.Tensor | None = None,
+    size: tuple[int, int] | None = None,
+    max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + rel_h + rel_w) v`` without materialising all logits.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        Shape ``(B, heads, N, C)`` with ``N = H*W``; may be strided views.
+    scale : float
+        Logit scale (``head_dim ** -0.5`` in SAM); the bias terms are not scaled, as in the
+        reference.
+    rel_pos_h, rel_pos_w : torch.Tensor or None
+        Relative-position tables ``(Lh, C)``, ``(Lw, C)``; None for plain attention.
+    size : tuple of int or None
+        Token grid ``(H, W)``, required with relative positions.
+    max_mask_bytes : int
+        Upper bound on the bias chunk built at once.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B, N, heads, C)``, the layout the output projection needs (so the caller
+        reshapes without another permute).
+    """
+    batch, heads, tokens, channels = q.shape
+    if rel_pos_h is None or rel_pos_w is None:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.transpose(1, 2)
+    if size is None or size[0] * size[1] != tokens:
+        raise ValueError(f"rel_pos_attention: size {size} does not match {tokens} tokens")
+    height, width = size
+
+    rel_h, rel_w = rel_pos_bias_terms(q, rel_pos_h, rel_pos_w, size)
+    # The fused CPU kernel only accepts a bias that needs no gradient; with a gradient SDPA
+    # falls back to the reference math (still exact). Reusing one buffer is only safe when
+    # autograd does not keep the bias for the backward pass.
+    needs_grad = torch.is_grad_enabled() and rel_h.requires_grad
+    bytes_per_row = heads * width * tokens * rel_h.element_size()
+    chunks = _query_chunks(batch, height, bytes_per_row, max_mask_bytes)
+
+    buffer = None
+    if not needs_grad:
+        b0, b1, r0, r1 = chunks[0]
+        buffer = q.new_empty((b1 - b0, heads, r1 - r0, width, height, width))
+    pieces = []
+    for b0, b1, r0, r1 in chunks:
+        rows_h = rel_h[b0:b1, :, r0:r1, :, :, None]
+        rows_w = rel_w[b0:b1, :, r0:r1, :, None, :]
+        if buffer is None:
+            bias = rows_h + rows_w
+        else:
+            # The last chunk may be smaller; a leading slice of the buffer is contiguous.
+            bias = buffer[: b1 - b0, :, : r1 - r0]
+            torch.add(rows_h, rows_w, out=bias)
+        n_chunk = b1 - b0
+        q_rows = q[b0:b1, :, r0 * width : r1 * width]
+        bias = bias.reshape(n_chunk, heads, (r1 - r0) * width, tokens)
+        piece = F.scaled_dot_product_attention(
+            q_rows, k[b0:b1], v[b0:b1], attn_mask=bias, scale=scale
+        )
+        pieces.append(piece.transpose(1, 2))
+    if len(pieces) == 1:
+        return pieces[0]
+    if chunks[0][3] - chunks[0][2] == height:
+        return torch.cat(pieces, dim=0)
+    # Row chunks of one item follow each other: concatenate rows, then items.
+    per_item = len(chunks) // batch
+    items = [torch.cat(pieces[i * per_item : (i + 1) * per_item], dim=1) for i in range(batch)]
+    return torch.cat(items, dim=0)
+
+
+def fast_attention_forward(
+    attn: nn.Module, x: torch.Tensor, max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES
+) -> torch.Tensor:
+    """Drop-in replacement for ``Attention.forward``.
+
+    Parameters
+    ----------
+    attn : nn.Module
+        A segment_anything ``Attention`` (or a module with the same attributes).
+    x : torch.Tensor
+        Tokens ``(B, H, W, dim)`` (windows or the full grid).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, H, W, dim)``, equal to the reference forward within float rounding.
+    """
+    batch, height, width, _ = x.shape
+    heads = attn.num_heads
+    # (B, N, 3, heads, C) -> three (B, heads, N, C) strided views; SDPA reads them in place,
+    # which saves the reference's copy into (3, B*heads, N, C).
+    qkv = attn.qkv(x).reshape(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if attn.use_rel_pos:
+        out = rel_pos_attention(
+            q, k, v, attn.scale, attn.rel_pos_h, attn.rel_pos_w, (height, width), max_mask_bytes
+        )
+    else:
+        out = rel_pos_attention(q, k, v, attn.scale, max_mask_bytes=max_mask_bytes)
+    return attn.proj(out.reshape(batch, height, width, -1))
+
+
+class FastAttention(Attention):
+    """segment_anything ``Attention`` whose forward takes the fast path.
+
+    Never constructed directly: :func:`enable_fast_attention` re-classes existing modules,
+    so parameters, buffers, hooks and state_dict keys stay exactly as they were.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fast_attention_enabled():
+            return super().forward(x)
+        return fast_attention_forward(self, x)
+
+
+def _attention_modules(module: nn.Module) -> list[nn.Module]:
+    """Modules whose class is exactly ``Attention`` or ``FastAttention``.
+
+    Subclasses with their own forward (e.g. a LoRA variant) are left alone: re-classing them
+    would drop their behaviour. Replacing ``attn.qkv`` by another module is fine.
+    """
+    return [m for m in module.modules() if type(m) in (Attention, FastAttention)]
+
+
+def enable_fast_attention(module: nn.Module) -> int:
+    """Switch every segment_anything ``Attention`` in ``module`` to the fast forward.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Any module tree (an ``ImageEncoderViT``, a whole ``Sam``, a single ``Attention``).
+
+    Returns
+    -------
+    int
+        Number of ``Attention`` modules now on the fast path (already switched ones count).
+    """
+    found = _attention_modules(module)
+    for attn in found:
+        attn.__class__ = FastAttention
+    return len(found)
+
+
+def disable_fast_attention(module: nn.Module) -> int:
+    """Undo :func:`enable_fast_attention`; returns the number of modules switched back."""
+    found = [m for m in module.modules() if type(m) is FastAttention]
+    for attn in found:
+        attn.__class__ = Attention
+    return len(found)

@@ -1,0 +1,197 @@
+"""The fast attention path must reproduce segment_anything's Attention exactly (float32
+rounding aside), forward and backward, for windowed/global blocks with and without
+relative positions, including window padding and bias chunking."""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+
+from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
+from napari_amasam.model.fast_attention import (
+    FastAttention,
+    disable_fast_attention,
+    enable_fast_attention,
+    fast_attention_enabled,
+    fast_attention_forward,
+    reference_attention,
+)
+
+
+def _randomise_rel_pos(module: torch.nn.Module, seed: int = 0) -> None:
+    """SAM zero-initialises the rel-pos tables, which would hide a wrong bias."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "rel_pos" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    assert diff <= rel * max(scale, 1e-6), f"max abs diff {diff:.3e} vs output scale {scale:.3e}"
+
+
+def _reference_copy(module: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(module)
+    disable_fast_attention(ref)
+    return ref
+
+
+@pytest.mark.parametrize(
+    "use_rel_pos, grid, input_size, batch",
+    [
+        (True, (7, 7), (7, 7), 3),  # windowed-like: full grid equals the table size
+        (True, (6, 4), (6, 4), 2),  # non-square grid
+        (True, (5, 5), (8, 8), 1),  # tables interpolated by get_rel_pos
+        (False, (6, 6), None, 2),  # no relative positions
+    ],
+)
+def test_attention_matches_reference(use_rel_pos, grid, input_size, batch):
+    torch.manual_seed(1)
+    attn = Attention(48, num_heads=3, use_rel_pos=use_rel_pos, input_size=input_size)
+    _randomise_rel_pos(attn)
+    x = torch.randn(batch, *grid, 48)
+    expected = attn(x)
+    assert enable_fast_attention(attn) == 1
+    assert isinstance(attn, FastAttention)
+    actual = attn(x)
+    assert actual.shape == expected.shape
+    _assert_close(actual, expected)
+    # The reference context must give back the original computation bit for bit.
+    with reference_attention():
+        assert not fast_attention_enabled()
+        assert torch.equal(attn(x), expected)
+    assert fast_attention_enabled()
+
+
+@pytest.mark.parametrize("max_mask_bytes", [1, 3000, 20_000, 10**9])
+def test_chunked_bias_matches_reference(max_mask_bytes):
+    # Grid 7x5 with 2 heads: one query row of bias is 2*5*35*4 = 1400 bytes, one item 9800.
+    # 1 -> one row per chunk; 3000 -> 2 rows (7 rows do not divide); 20000 -> 2 items per
+    # chunk (3 items do not divide); 1e9 -> one chunk.
+    torch.manual_seed(2)
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(7, 5))
+    _randomise_rel_pos(attn)
+    x = torch.randn(3, 7, 5, 32)
+    expected = attn(x)
+    with torch.no_grad():
+        actual = fast_attention_forward(attn, x, max_mask_bytes=max_mask_bytes)
+    _assert_close(actual, expected)
+
+
+def test_windowed_block_with_padding_64_to_70():
+    # The vit_b windowed case: 64x64 tokens padded to 70 for 14x14 windows (small dim).
+    torch.manual_seed(3)
+    block = Block(32, num_heads=2, use_rel_pos=True, window_size=14, input_size=(64, 64))
+    _randomise_rel_pos(block)
+    x = torch.randn(1, 64, 64, 32)
+    with torch.no_grad():
+        expected = block(x)
+        enable_fast_attention(block)
+        actual = block(x)
+    _assert_close(actual, expected)
+
+
+def _small_encoder(seed: int = 4) -> ImageEncoderViT:
+    torch.manual_seed(seed)
+    # 128/16 = 8 tokens; window 3 pads 8 -> 9; blocks 1 and 3 are global.
+    encoder = ImageEncoderViT(
+        img_size=128,
+        patch_size=16,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        out_chans=32,
+        use_rel_pos=True,
+        window_size=3,
+        global_attn_indexes=(1, 3),
+    )
+    _randomise_rel_pos(encoder)
+    with torch.no_grad():
+        encoder.pos_embed.normal_(0, 0.5)
+    return encoder
+
+
+def test_encoder_matches_reference_and_keeps_state_dict():
+    encoder = _small_encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = encoder(x)
+        assert enable_fast_attention(encoder) == 4
+        assert enable_fast_attention(encoder) == 4  # idempotent
+        actual = encoder(x)
+    _assert_close(actual, expected)
+
+    after = encoder.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    # Switched modules survive deepcopy and torch.save/load with the fast path.
+    buffer = io.BytesIO()
+    torch.save(encoder, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clone = copy.deepcopy(encoder)
+    with torch.no_grad():
+        for other in (loaded, clone):
+            assert isinstance(other.blocks[0].attn, FastAttention)
+            _assert_close(other(x), expected)
+
+    assert disable_fast_attention(encoder) == 4
+    assert type(encoder.blocks[0].attn) is Attention
+    with torch.no_grad():
+        assert torch.equal(encoder(x), expected)
+
+
+def test_subclass_with_own_forward_is_left_alone():
+    class Custom(Attention):
+        def forward(self, x):  # pragma: no cover - must never be replaced
+            return super().forward(x) * 2
+
+    holder = torch.nn.Sequential(Custom(16, num_heads=2), Attention(16, num_heads=2))
+    assert enable_fast_attention(holder) == 1
+    assert type(holder[0]) is Custom
+
+
+@pytest.mark.parametrize("max_mask_bytes", [None, 1])
+def test_gradients_match_reference(max_mask_bytes):
+    encoder = _small_encoder(seed=5)
+    reference = copy.deepcopy(encoder)
+    enable_fast_attention(encoder)
+    if max_mask_bytes is not None:
+        # Force row chunks in every block through a tiny budget.
+        def chunked(self, x):
+            return fast_attention_forward(self, x, max_mask_bytes=max_mask_bytes)
+
+        for block in encoder.blocks:
+            block.attn.forward = chunked.__get__(block.attn)
+
+    x = torch.randn(2, 3, 128, 128)
+    x_ref = x.clone().requires_grad_(True)
+    x_fast = x.clone().requires_grad_(True)
+    weights = torch.randn(2, 32, 8, 8)
+    (reference(x_ref) * weights).sum().backward()
+    (encoder(x_fast) * weights).sum().backward()
+
+    _assert_close(x_fast.grad, x_ref.grad, rel=2e-4)
+    ref_params = dict(reference.named_parameters())
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None, name
+        _assert_close(param.grad, ref_params[name].grad, rel=2e-4)
+
+
+def test_reference_context_is_thread_local():
+    seen = []
+    with reference_attention():
+        worker = threading.Thread(target=lambda: seen.append(fast_attention_enabled()))
+        worker.start()
+        worker.join()
+        assert not fast_attention_enabled()
+    assert seen == [True]
