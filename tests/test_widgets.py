@@ -84,8 +84,9 @@ def _add_sample(viewer, crop: int | None = None):
     image, labels = load_sample("monuseg_breast")
     if crop:
         image, labels = image[:crop, :crop], labels[:crop, :crop]
-    image_layer = viewer.add_image(image, name="breast", rgb=True, metadata={"mpp": 0.25})
-    gt_layer = viewer.add_labels(labels, name="breast ground truth")
+    space = dict(scale=(0.25, 0.25), units="um")
+    image_layer = viewer.add_image(image, name="breast", rgb=True, metadata={"mpp": 0.25}, **space)
+    gt_layer = viewer.add_labels(labels, name="breast ground truth", **space)
     return image_layer, gt_layer
 
 
@@ -216,6 +217,7 @@ def test_segment_classical_writes_labels_with_features_and_exports(make_napari_v
     first = int(features["label"].iloc[0])
     assert int(features["area"].iloc[0]) == int((labels == first).sum())
     assert tuple(layer.scale) == tuple(image_layer.scale)
+    assert tuple(layer.units) == tuple(image_layer.units)
 
     tif = segment.export(tmp_path / "out.tif")
     assert np.array_equal(tifffile.imread(tif).astype(np.int64), labels)
@@ -411,4 +413,21 @@ def test_match_nuclei_counts_errors():
     assert sorted(fp) == [8, 9] and list(fn) == [2]
     errors, n_fp, n_fn = error_map(gt, pred)
     assert (n_fp, n_fn) == (2, 1)
-    assert errors[1, 1] == 0 and errors[1, 17] == 1 and errors[14, 14] == 2 and errors[10, 10] == 1
+    assert errors[1, 1] == 0 and errors[1, 17] == 1 and errors[14, 14] == 2 and errors[10, 10] == 2
+    assert errors[0, 16] == 1
+
+
+def test_save_training_pair_never_overwrites(tmp_path):
+    from napari_amasam._widgets._training_data import save_training_pair
+
+    image, labels = load_sample("monuseg_prostate")
+    image, labels = image[:64, :64], labels[:64, :64]
+    image_path, label_path = save_training_pair(tmp_path, "my slide #1", image, labels)
+    assert image_path.name == "my_slide_1.png" and label_path.name == "my_slide_1.tif"
+    # A label file of another type with the same stem would pair with the new image too.
+    tifffile.imwrite(tmp_path / "labels" / "other_masks.tif", labels)
+    with pytest.raises(FileExistsError, match="other_masks.tif"):
+        save_training_pair(tmp_path, "other", image, labels)
+    assert not (tmp_path / "images" / "other.png").exists()
+    with pytest.raises(ValueError, match="do not match"):
+        save_training_pair(tmp_path, "small", image, labels[:32])

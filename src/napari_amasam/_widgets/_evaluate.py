@@ -74,12 +74,13 @@ def match_nuclei(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[np
 def error_map(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[np.ndarray, int, int]:
     """``(H, W) uint8``: 1 = false-positive prediction, 2 = missed ground truth; and both counts.
 
-    Where a missed nucleus and a false positive overlap, the false positive is shown.
+    Where a missed nucleus and a false positive overlap (typically one prediction merging
+    several nuclei), the missed nucleus is drawn on top, so both stay visible.
     """
     fp_ids, fn_ids = match_nuclei(gt, pred, iou)
     errors = np.zeros(np.shape(gt), dtype=np.uint8)
-    errors[np.isin(gt, fn_ids)] = FALSE_NEGATIVE
     errors[np.isin(pred, fp_ids)] = FALSE_POSITIVE
+    errors[np.isin(gt, fn_ids)] = FALSE_NEGATIVE
     return errors, len(fp_ids), len(fn_ids)
 
 
@@ -175,6 +176,7 @@ class EvaluateWidget(QWidget):
         return self.viewer.add_labels(
             errors, name=name, colormap=colormap, opacity=0.8,
             scale=tuple(pred_layer.scale), translate=tuple(pred_layer.translate),
+            units=pred_layer.units,
             metadata={"values": {FALSE_POSITIVE: "false positive", FALSE_NEGATIVE: "false negative"}})
 
     def _fail(self, exc: BaseException) -> None:

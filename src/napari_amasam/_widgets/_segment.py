@@ -7,7 +7,6 @@ training pair) and "Fine-tune" (continue training the current model with that fo
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import PathPicker, Progress, device_combo, notify, trained_models
+from ._training_data import safe_stem, save_training_pair, unique_folder
 from ._workers import Job
 
 if TYPE_CHECKING:
@@ -37,22 +37,6 @@ if TYPE_CHECKING:
 
 CLASSICAL = "classical"
 EXPORT_FILTER = "TIFF labels (*.tif);;QuPath GeoJSON (*.geojson);;Measurements CSV (*.csv)"
-
-
-def safe_stem(name: str) -> str:
-    """A file-name stem from a layer name (letters, digits, ``-``, ``_``, ``.``)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return stem or "image"
-
-
-def unique_folder(path: Path) -> Path:
-    """``path`` if free, else ``path_2``, ``path_3``, ..."""
-    if not path.exists():
-        return path
-    n = 2
-    while (candidate := path.with_name(f"{path.name}_{n}")).exists():
-        n += 1
-    return candidate
 
 
 class SegmentWidget(QWidget):
@@ -391,6 +375,7 @@ class SegmentWidget(QWidget):
                 labels, name=name, features=features,
                 scale=tuple(image_layer.scale[-ndim:]),
                 translate=tuple(image_layer.translate[-ndim:]),
+                units=tuple(image_layer.units[-ndim:]),
                 metadata={"source_image": image_layer.name, "model": self.model_name()},
             )
         layer.metadata["model"] = self.model_name()
@@ -518,11 +503,6 @@ class SegmentWidget(QWidget):
 
         Refuses (returns None, says why) when a file of that pair already exists.
         """
-        import imageio.v3 as iio
-
-        from ..data.io import IMAGE_EXTENSIONS, as_rgb_uint8
-        from ..export import write_labels_tiff
-
         image_layer, labels_layer = self.current_image_layer(), self.labels_layer()
         if image_layer is None or labels_layer is None:
             self._show_error(ValueError("segment an image first (no '<image> nuclei' layer)"))
@@ -532,28 +512,13 @@ class SegmentWidget(QWidget):
             self._show_error(ValueError("choose a training data folder"))
             return None
         name = safe_stem(name or self.pair_name.text() or image_layer.name)
-        root = Path(folder)
-        image_path, label_path = root / "images" / f"{name}.png", root / "labels" / f"{name}.tif"
-        # Pairs match by stem, so any file with this stem would collide, whatever its suffix.
-        clashes = [p for sub in ("images", "labels", "masks") if (root / sub).is_dir()
-                   for p in (root / sub).iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem in
-                   (name, f"{name}_labels", f"{name}_label", f"{name}_masks", f"{name}_mask")]
-        if clashes:
-            self._show_error(FileExistsError(
-                f"{clashes[0]}: already exists; nothing written (choose another pair name)"))
+        try:
+            image_path, label_path = save_training_pair(
+                folder, name, np.asarray(image_layer.data), np.asarray(labels_layer.data))
+        except (FileExistsError, ValueError) as exc:
+            self._show_error(exc)
             return None
-        image = as_rgb_uint8(np.asarray(image_layer.data), image_layer.name)
-        labels = np.asarray(labels_layer.data)
-        if labels.shape != image.shape[:2]:
-            self._show_error(ValueError(
-                f"{labels_layer.name}: labels {labels.shape} do not match image {image.shape[:2]}"))
-            return None
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        iio.imwrite(image_path, image)
-        write_labels_tiff(label_path, labels)
-        self.status.setText(f"added {image_path.name} + {label_path.name} to {root}")
+        self.status.setText(f"added {image_path.name} + {label_path.name} to {folder}")
         return image_path, label_path
 
     def fine_tune(self, epochs: int | None = None, out: str | None = None) -> Job | None:
