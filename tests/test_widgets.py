@@ -431,3 +431,39 @@ def test_save_training_pair_never_overwrites(tmp_path):
     assert not (tmp_path / "images" / "other.png").exists()
     with pytest.raises(ValueError, match="do not match"):
         save_training_pair(tmp_path, "small", image, labels[:32])
+
+
+@pytest.mark.parametrize("engine_watches_cancel", [False, True])
+def test_job_cancel_stops_a_generator_at_its_next_record(engine_watches_cancel):
+    import threading
+
+    from napari_amasam._widgets._workers import Job
+
+    closed, seen, returned = [], [], []
+    event = threading.Event()
+
+    def steps():
+        try:
+            for i in range(10):
+                if engine_watches_cancel and event.is_set():
+                    yield {"stage": "done", "cancelled": True}
+                    return "saved"
+                yield {"stage": "tile", "done": i + 1, "total": 10}
+            return "finished"
+        finally:
+            closed.append(True)
+
+    def on_record(record):
+        seen.append(record)
+        if len(seen) == 2:
+            job.cancel()
+
+    job = Job(steps(), cancel_event=event if engine_watches_cancel else None,
+              on_yielded=on_record, on_returned=returned.append)
+    job.start()
+    assert not job.running and job.cancelled and closed == [True]
+    if engine_watches_cancel:  # the trainer's way: it winds down and reports
+        assert seen[-1] == {"stage": "done", "cancelled": True} and returned == ["saved"]
+        assert len(seen) == 3
+    else:  # inference: closed at the next record, nothing returned
+        assert len(seen) == 2 and returned == [None]
