@@ -2,9 +2,12 @@
 
 Builds a random-weight ``ImageEncoderViT`` with the official vit_b hyper-parameters (as in
 ``segment_anything.build_sam._build_sam``; image encoder only), then runs the reference and
-the fast path interleaved (ref, fast, ref, fast, ...) in one process so that both see the
+the fast paths interleaved (ref, fast, ref, fast, ...) in one process so that all see the
 same machine load, checks that the outputs match, and prints per-run seconds, medians, the
-speed-up and a per-block breakdown.
+speed-ups and a per-block breakdown. Paths: ``reference`` (segment_anything as is),
+``fast_attn`` (fast attention only: SDPA + chunked bias + oneDNN qkv/proj), ``fast``
+(plus the fast MLP: oneDNN linears with fused GELU), and with ``--bf16`` ``fast_bf16``
+(``fast`` under CPU bf16 autocast; not exact).
 
 Usage::
 
@@ -29,7 +32,9 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from napari_amasam.model.fast_attention import (
     DEFAULT_MAX_MASK_BYTES,
+    disable_fast_mlp,
     enable_fast_attention,
+    enable_fast_mlp,
     fast_attention_forward,
     reference_attention,
 )
@@ -120,6 +125,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     encoder = build_vit_b_encoder(args.size)
     enable_fast_attention(encoder)
+    enable_fast_mlp(encoder)
     max_mask_bytes = int(args.max_mask_mib * 2**20)
     if max_mask_bytes != DEFAULT_MAX_MASK_BYTES:
         for block in encoder.blocks:
@@ -137,7 +143,18 @@ def main() -> None:
         with reference_attention():
             return encoder(image)
 
-    paths = {"reference": run_reference, "fast": lambda: encoder(image)}
+    def run_fast_attention_only():
+        disable_fast_mlp(encoder)
+        try:
+            return encoder(image)
+        finally:
+            enable_fast_mlp(encoder)
+
+    paths = {
+        "reference": run_reference,
+        "fast_attn": run_fast_attention_only,
+        "fast": lambda: encoder(image),
+    }
     if args.bf16:
 
         def run_bf16():

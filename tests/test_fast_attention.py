@@ -7,17 +7,24 @@ from __future__ import annotations
 import copy
 import io
 import threading
+from functools import partial
 
 import pytest
 import torch
 
+from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
+from napari_amasam.model import fast_attention as fa
 from napari_amasam.model.fast_attention import (
     FastAttention,
+    FastMLPBlock,
     disable_fast_attention,
+    disable_fast_mlp,
     enable_fast_attention,
+    enable_fast_mlp,
     fast_attention_enabled,
     fast_attention_forward,
+    fast_linear,
     reference_attention,
 )
 
@@ -35,12 +42,6 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
     assert diff <= rel * max(scale, 1e-6), f"max abs diff {diff:.3e} vs output scale {scale:.3e}"
-
-
-def _reference_copy(module: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(module)
-    disable_fast_attention(ref)
-    return ref
 
 
 @pytest.mark.parametrize(
@@ -126,6 +127,7 @@ def test_encoder_matches_reference_and_keeps_state_dict():
         expected = encoder(x)
         assert enable_fast_attention(encoder) == 4
         assert enable_fast_attention(encoder) == 4  # idempotent
+        assert enable_fast_mlp(encoder) == 4
         actual = encoder(x)
     _assert_close(actual, expected)
 
@@ -145,7 +147,9 @@ def test_encoder_matches_reference_and_keeps_state_dict():
             _assert_close(other(x), expected)
 
     assert disable_fast_attention(encoder) == 4
+    assert disable_fast_mlp(encoder) == 4
     assert type(encoder.blocks[0].attn) is Attention
+    assert type(encoder.blocks[0].mlp) is MLPBlock
     with torch.no_grad():
         assert torch.equal(encoder(x), expected)
 
@@ -165,6 +169,7 @@ def test_gradients_match_reference(max_mask_bytes):
     encoder = _small_encoder(seed=5)
     reference = copy.deepcopy(encoder)
     enable_fast_attention(encoder)
+    enable_fast_mlp(encoder)
     if max_mask_bytes is not None:
         # Force row chunks in every block through a tiny budget.
         def chunked(self, x):
@@ -195,3 +200,38 @@ def test_reference_context_is_thread_local():
         worker.join()
         assert not fast_attention_enabled()
     assert seen == [True]
+
+
+@pytest.mark.parametrize(
+    "act", [torch.nn.GELU, partial(torch.nn.GELU, approximate="tanh"), torch.nn.ReLU, torch.nn.SiLU]
+)
+def test_mlp_matches_reference(act):
+    torch.manual_seed(6)
+    mlp = MLPBlock(48, 192, act=act)
+    x = torch.randn(2, 5, 7, 48) * 3
+    with torch.no_grad():
+        expected = mlp(x)
+        assert enable_fast_mlp(mlp) == 1
+        assert isinstance(mlp, FastMLPBlock)
+        actual = mlp(x)
+        with reference_attention():
+            assert torch.equal(mlp(x), expected)
+    _assert_close(actual, expected)
+
+
+@pytest.mark.skipif(not fa._HAS_ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_onednn_linear_used_only_without_gradient(monkeypatch):
+    calls = []
+    original = fa._onednn_ok
+    monkeypatch.setattr(fa, "_onednn_ok", lambda x, layer: calls.append(original(x, layer)) or calls[-1])
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        _assert_close(fast_linear(layer, x), layer(x))
+    assert calls == [True]
+    y = fast_linear(layer, x)  # weights require grad: must stay differentiable
+    assert y.requires_grad and calls[-1] is False
+    layer.register_forward_hook(lambda module, args, out: out * 0)
+    with torch.no_grad():
+        assert torch.equal(fast_linear(layer, x), torch.zeros(3, 8))  # hooks are honoured
+    assert calls[-1] is False

@@ -13,6 +13,14 @@ float32) the queries are processed in chunks whose bias fits in ``max_mask_bytes
 inference the chunk buffer is allocated once per call and reused, which also avoids the
 page-fault cost of touching a fresh 805 MB allocation.
 
+Linear layers: on CPU, float32 ``F.linear`` goes to MKL's sgemm, which on AMD processors
+runs a slower code path; oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op
+inductor uses) was measured about 1.7x faster on the 2-core EPYC (164 vs 95 GFLOP/s), and
+with the activation fused as a post-op (exact erf GELU) about 2.5x faster than linear +
+GELU. Results differ from ``F.linear`` only by float rounding (summation order). The op has
+no autograd formula, so it is used only when no gradient is needed; otherwise
+``F.linear`` runs.
+
 Public API
 ----------
 ``enable_fast_attention(module) -> int``
@@ -21,6 +29,8 @@ Public API
     Switch them back.
 ``reference_attention()``
     Context manager: inside it, switched modules run the original forward.
+``enable_fast_mlp(module) -> int`` / ``disable_fast_mlp(module) -> int``
+    The same for segment_anything ``MLPBlock`` (linear + activation + linear).
 ``fast_attention_forward(attn, x)``
     The fast forward as a function, for modules that re-implement ``Attention`` with the
     same attributes (``qkv``, ``proj``, ``num_heads``, ``scale``, ``use_rel_pos``,
@@ -39,15 +49,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 __all__ = [
     "DEFAULT_MAX_MASK_BYTES",
     "FastAttention",
+    "FastMLPBlock",
     "disable_fast_attention",
+    "disable_fast_mlp",
     "enable_fast_attention",
+    "enable_fast_mlp",
     "fast_attention_enabled",
     "fast_attention_forward",
+    "fast_linear",
+    "fast_mlp_forward",
     "reference_attention",
     "rel_pos_attention",
     "rel_pos_bias_terms",
@@ -70,7 +86,7 @@ def fast_attention_enabled() -> bool:
 
 @contextlib.contextmanager
 def reference_attention() -> Iterator[None]:
-    """Run switched ``Attention`` modules with the original segment_anything forward.
+    """Run switched ``Attention`` (and ``MLPBlock``) modules with the original forward.
 
     Used to compare the two paths on the same weights without re-switching modules. Affects
     only the current thread.
@@ -81,6 +97,77 @@ def reference_attention() -> Iterator[None]:
         yield
     finally:
         _state.force_reference = previous
+
+
+def _onednn_ok(x: torch.Tensor, layer: nn.Module) -> bool:
+    """Whether ``layer(x)`` may run through oneDNN's linear instead of ``F.linear``.
+
+    Only a plain ``nn.Linear`` (a LoRA or other wrapper keeps its own forward) without
+    hooks, float32 on CPU, and no gradient needed (the op has no backward).
+    """
+    if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
+        return False
+    if not _HAS_ONEDNN_LINEAR:
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in layer.parameters())
+    ):
+        return False
+    # Autocast would expect a lower-precision result from nn.Linear.
+    return not torch.is_autocast_enabled("cpu")
+
+
+def fast_linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    """``act(layer(x))`` through oneDNN when allowed (see module docstring), else the module.
+
+    Parameters
+    ----------
+    layer : nn.Module
+        Usually an ``nn.Linear`` with weight ``(out, in)``.
+    x : torch.Tensor
+        ``(..., in)``.
+    activation : {"none", "gelu", "gelu_tanh", "relu"}
+        Activation applied after the layer (fused into the oneDNN kernel when used).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., out)``.
+    """
+    if _onednn_ok(x, layer):
+        attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
+    y = layer(x)
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+# activation name -> (oneDNN post-op attr, algorithm)
+_ONEDNN_ACTIVATIONS = {
+    "none": ("none", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+}
+
+
+def _probe_onednn_linear() -> bool:
+    """The private op exists in CPU builds with oneDNN; check once that it runs."""
+    try:
+        x = torch.ones(2, 3)
+        w = torch.ones(4, 3)
+        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return bool(torch.backends.mkldnn.is_available() and torch.allclose(y, x @ w.T))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_HAS_ONEDNN_LINEAR = _probe_onednn_linear()
 
 
 def rel_pos_bias_terms(
@@ -240,7 +327,8 @@ def fast_attention_forward(
     heads = attn.num_heads
     # (B, N, 3, heads, C) -> three (B, heads, N, C) strided views; SDPA reads them in place,
     # which saves the reference's copy into (3, B*heads, N, C).
-    qkv = attn.qkv(x).reshape(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = fast_linear(attn.qkv, x).reshape(batch, height * width, 3, heads, -1)
+    qkv = qkv.permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     if attn.use_rel_pos:
         out = rel_pos_attention(
@@ -248,7 +336,7 @@ def fast_attention_forward(
         )
     else:
         out = rel_pos_attention(q, k, v, attn.scale, max_mask_bytes=max_mask_bytes)
-    return attn.proj(out.reshape(batch, height, width, -1))
+    return fast_linear(attn.proj, out.reshape(batch, height, width, -1))
 
 
 class FastAttention(Attention):
@@ -297,4 +385,70 @@ def disable_fast_attention(module: nn.Module) -> int:
     found = [m for m in module.modules() if type(m) is FastAttention]
     for attn in found:
         attn.__class__ = Attention
+    return len(found)
+
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    """Name of an activation ``fast_linear`` can apply, or None for anything else."""
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if type(act) is nn.ReLU:
+        return "relu"
+    return None
+
+
+def fast_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``lin2(act(lin1(x)))`` with the activation fused into ``lin1`` where possible.
+
+    Parameters
+    ----------
+    mlp : nn.Module
+        A segment_anything ``MLPBlock`` (``lin1``, ``act``, ``lin2``).
+    x : torch.Tensor
+        ``(..., embedding_dim)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., embedding_dim)``.
+    """
+    activation = _activation_name(mlp.act)
+    if activation is None or mlp.act._forward_hooks or mlp.act._forward_pre_hooks:
+        hidden = mlp.act(fast_linear(mlp.lin1, x))
+    else:
+        hidden = fast_linear(mlp.lin1, x, activation)
+    return fast_linear(mlp.lin2, hidden)
+
+
+class FastMLPBlock(MLPBlock):
+    """segment_anything ``MLPBlock`` whose forward uses :func:`fast_mlp_forward`.
+
+    Created only by re-classing in :func:`enable_fast_mlp`; state_dict keys unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fast_attention_enabled():
+            return super().forward(x)
+        return fast_mlp_forward(self, x)
+
+
+def enable_fast_mlp(module: nn.Module) -> int:
+    """Switch every segment_anything ``MLPBlock`` in ``module`` to :class:`FastMLPBlock`.
+
+    Returns the number of ``MLPBlock`` modules now on the fast path. Subclasses of
+    ``MLPBlock`` are left alone. :func:`reference_attention` also selects the original
+    MLP forward.
+    """
+    found = [m for m in module.modules() if type(m) in (MLPBlock, FastMLPBlock)]
+    for mlp in found:
+        mlp.__class__ = FastMLPBlock
+    return len(found)
+
+
+def disable_fast_mlp(module: nn.Module) -> int:
+    """Undo :func:`enable_fast_mlp`; returns the number of modules switched back."""
+    found = [m for m in module.modules() if type(m) is FastMLPBlock]
+    for mlp in found:
+        mlp.__class__ = MLPBlock
     return len(found)
