@@ -33,8 +33,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--backbone", default="vit_b", choices=["tiny", "vit_b", "vit_l", "vit_h"])
     p.add_argument("--checkpoint", help="official SAM checkpoint .pth for vit_b/vit_l/vit_h")
     p.add_argument("--alignment", default="cgrl", choices=["cgrl", "grl", "none"])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="default 30 (resume: as recorded)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (0 = no limit)")
     p.add_argument("--steps-per-epoch", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -76,12 +76,13 @@ def _format_record(record: dict) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .training.trainer import train
+    from .training.model_folder import read_model_folder
+    from .training.trainer import resume_config, train
 
     if args.resume:
-        out = args.resume
-        train_cfg = TrainConfig(out=out, epochs=args.epochs, max_steps=args.max_steps)
-        model_cfg = ModelConfig()
+        # Recorded settings; --epochs / --max-steps given here extend the run.
+        train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps)
+        model_cfg = read_model_folder(args.resume).model
     else:
         if not args.primary or not args.out:
             return _fail("train needs --primary DIR and --out MODEL_DIR (or --resume MODEL_DIR)")
@@ -94,7 +95,8 @@ def cmd_train(args) -> int:
                                 trainable_backbone=args.trainable_backbone)
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=args.epochs, max_steps=args.max_steps, steps_per_epoch=args.steps_per_epoch,
+            epochs=args.epochs or 30, max_steps=args.max_steps or 0,
+            steps_per_epoch=args.steps_per_epoch,
             batch_size=args.batch_size, lr=args.lr, mpp=args.mpp, aux_mpp=args.aux_mpp,
             primary_share=args.primary_share, val_fraction=args.val_fraction,
             augment=not args.no_augment, device=args.device, seed=args.seed,

@@ -53,9 +53,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    # Plain tensors, ints and lists only, so that torch.load(weights_only=True) can read it.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -64,8 +66,10 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -77,6 +81,20 @@ def default_steps_per_epoch(datasets, cfg: TrainConfig, image_size: int) -> int:
     pixels = sum(int(np.prod(primary.load(i)[1].shape)) for i in range(len(primary)))
     primary_per_batch = primary_rows(cfg.batch_size, cfg.primary_share, len(datasets) - 1)
     return max(1, math.ceil(pixels / (image_size * image_size * primary_per_batch)))
+
+
+def resume_config(model_dir: str | Path, epochs: int | None = None,
+                  max_steps: int | None = None) -> TrainConfig:
+    """The training settings recorded in ``model_dir``, optionally run for longer."""
+    folder = read_model_folder(model_dir)
+    if folder.train is None:
+        raise CheckpointError(f"{model_dir}: no training settings recorded (cannot resume)")
+    cfg = dataclasses.replace(folder.train, out=str(model_dir))
+    if epochs:
+        cfg.epochs = epochs
+    if max_steps is not None:
+        cfg.max_steps = max_steps
+    return cfg
 
 
 def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> dict[str, Any]:
@@ -137,11 +155,9 @@ def train(
         folder = read_model_folder(out)
         if folder.train is None or not (out / "last.pt").is_file():
             raise CheckpointError(f"{out}: nothing to resume (no last.pt)")
-        saved_epochs, saved_steps = cfg.epochs, cfg.max_steps
-        cfg, model_cfg = folder.train, folder.model
-        # A resumed run may be asked to go on for longer than first planned.
-        cfg.epochs, cfg.max_steps = max(cfg.epochs, saved_epochs), max(cfg.max_steps, saved_steps)
-        thresholds = folder.thresholds
+        # The recorded architecture always wins; ``cfg`` is usually ``resume_config(out)``.
+        model_cfg, thresholds = folder.model, folder.thresholds
+        cfg = dataclasses.replace(cfg, out=str(out))
 
     init_folder = None
     if cfg.init_from and not resume:
@@ -284,7 +300,7 @@ def train(
             per_step = (time.perf_counter() - t_start) / steps_timed
             if is_main:
                 yield {"stage": "train", "epoch": epoch, "epochs": n_epochs, "step": step,
-                       "total_steps": total_steps, "loss": float(loss), "losses": parts,
+                       "total_steps": total_steps, "loss": epoch_losses[-1], "losses": parts,
                        "lr": optimizer.param_groups[0]["lr"], "lam": lam,
                        "eta_s": per_step * (total_steps - step)}
 
