@@ -54,6 +54,7 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 __all__ = [
     "DEFAULT_MAX_MASK_BYTES",
+    "DEFAULT_MAX_MASK_BYTES_CUDA",
     "FastAttention",
     "FastMLPBlock",
     "disable_fast_attention",
@@ -69,9 +70,12 @@ __all__ = [
     "rel_pos_bias_terms",
 ]
 
-#: Largest relative-position bias chunk (bytes) built at once. 64 MiB keeps a global vit_b
-#: block at 5 query rows per chunk and the 25 windows of a windowed block in one chunk.
+#: Largest relative-position bias chunk (bytes) built at once on CPU. 64 MiB keeps a global
+#: vit_b block at 5 query rows per chunk and the 25 windows of a windowed block in one chunk.
 DEFAULT_MAX_MASK_BYTES = 64 * 2**20
+#: The same on CUDA, where small chunks would leave the GPU idle: one global vit_b image
+#: (805 MB in float32) per chunk.
+DEFAULT_MAX_MASK_BYTES_CUDA = 1 * 2**30
 
 # Thread-local so that a reference run in one thread (e.g. a test or a benchmark) does not
 # switch the path of a worker thread running inference at the same time.
@@ -235,7 +239,7 @@ def rel_pos_attention(
     rel_pos_h: torch.Tensor | None = None,
     rel_pos_w: torch.Tensor | None = None,
     size: tuple[int, int] | None = None,
-    max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
+    max_mask_bytes: int | None = None,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + rel_h + rel_w) v`` without materialising all logits.
 
@@ -250,8 +254,9 @@ def rel_pos_attention(
         Relative-position tables ``(Lh, C)``, ``(Lw, C)``; None for plain attention.
     size : tuple of int or None
         Token grid ``(H, W)``, required with relative positions.
-    max_mask_bytes : int
-        Upper bound on the bias chunk built at once.
+    max_mask_bytes : int or None
+        Upper bound on the bias chunk built at once; None: ``DEFAULT_MAX_MASK_BYTES`` on
+        CPU, ``DEFAULT_MAX_MASK_BYTES_CUDA`` on other devices.
 
     Returns
     -------
@@ -273,41 +278,67 @@ def rel_pos_attention(
     # autograd does not keep the bias for the backward pass.
     needs_grad = torch.is_grad_enabled() and rel_h.requires_grad
     bytes_per_row = heads * width * tokens * rel_h.element_size()
+    if max_mask_bytes is None:
+        cpu = q.device.type == "cpu"
+        max_mask_bytes = DEFAULT_MAX_MASK_BYTES if cpu else DEFAULT_MAX_MASK_BYTES_CUDA
     chunks = _query_chunks(batch, height, bytes_per_row, max_mask_bytes)
 
-    buffer = None
-    if not needs_grad:
-        b0, b1, r0, r1 = chunks[0]
-        buffer = q.new_empty((b1 - b0, heads, r1 - r0, width, height, width))
-    pieces = []
+    if needs_grad:
+        pieces = []
+        for b0, b1, r0, r1 in chunks:
+            bias = rel_h[b0:b1, :, r0:r1, :, :, None] + rel_w[b0:b1, :, r0:r1, :, None, :]
+            pieces.append(_chunk_attention(q, k, v, bias, scale, (b0, b1, r0, r1), width))
+        if len(pieces) == 1:
+            return pieces[0]
+        # Row chunks of one item follow each other: concatenate rows, then items.
+        per_item = len(chunks) // batch
+        items = [
+            torch.cat(pieces[i * per_item : (i + 1) * per_item], dim=1) for i in range(batch)
+        ]
+        return torch.cat(items, dim=0)
+
+    # Inference: one flat bias buffer reused by every chunk (a leading slice of it is a
+    # contiguous chunk even when the last chunk is smaller), and one output written in place
+    # in the (B, N, heads, C) layout, so the only copy of the result is the transpose the
+    # reference also makes.
+    b0, b1, r0, r1 = chunks[0]
+    buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
+    out = q.new_empty((batch, tokens, heads, channels))
     for b0, b1, r0, r1 in chunks:
         rows_h = rel_h[b0:b1, :, r0:r1, :, :, None]
         rows_w = rel_w[b0:b1, :, r0:r1, :, None, :]
-        if buffer is None:
-            bias = rows_h + rows_w
-        else:
-            # The last chunk may be smaller; a leading slice of the buffer is contiguous.
-            bias = buffer[: b1 - b0, :, : r1 - r0]
-            torch.add(rows_h, rows_w, out=bias)
-        n_chunk = b1 - b0
-        q_rows = q[b0:b1, :, r0 * width : r1 * width]
-        bias = bias.reshape(n_chunk, heads, (r1 - r0) * width, tokens)
-        piece = F.scaled_dot_product_attention(
-            q_rows, k[b0:b1], v[b0:b1], attn_mask=bias, scale=scale
-        )
-        pieces.append(piece.transpose(1, 2))
-    if len(pieces) == 1:
-        return pieces[0]
-    if chunks[0][3] - chunks[0][2] == height:
-        return torch.cat(pieces, dim=0)
-    # Row chunks of one item follow each other: concatenate rows, then items.
-    per_item = len(chunks) // batch
-    items = [torch.cat(pieces[i * per_item : (i + 1) * per_item], dim=1) for i in range(batch)]
-    return torch.cat(items, dim=0)
+        shape = (b1 - b0, heads, r1 - r0, width, height, width)
+        bias = buffer[: (b1 - b0) * heads * (r1 - r0) * width * tokens].view(shape)
+        torch.add(rows_h, rows_w, out=bias)
+        piece = _chunk_attention(q, k, v, bias, scale, (b0, b1, r0, r1), width)
+        out[b0:b1, r0 * width : r1 * width].copy_(piece)
+    return out
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    chunk: tuple[int, int, int, int],
+    width: int,
+) -> torch.Tensor:
+    """SDPA for items ``b0:b1`` and query rows ``r0:r1`` against all keys.
+
+    ``bias`` is ``(b1-b0, heads, r1-r0, W, H, W)``; returns ``(b1-b0, (r1-r0)*W, heads, C)``
+    (a transposed view).
+    """
+    b0, b1, r0, r1 = chunk
+    heads, tokens = q.shape[1], k.shape[2]
+    q_rows = q[b0:b1, :, r0 * width : r1 * width]
+    bias = bias.reshape(b1 - b0, heads, (r1 - r0) * width, tokens)
+    out = F.scaled_dot_product_attention(q_rows, k[b0:b1], v[b0:b1], attn_mask=bias, scale=scale)
+    return out.transpose(1, 2)
 
 
 def fast_attention_forward(
-    attn: nn.Module, x: torch.Tensor, max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES
+    attn: nn.Module, x: torch.Tensor, max_mask_bytes: int | None = None
 ) -> torch.Tensor:
     """Drop-in replacement for ``Attention.forward``.
 
@@ -317,6 +348,8 @@ def fast_attention_forward(
         A segment_anything ``Attention`` (or a module with the same attributes).
     x : torch.Tensor
         Tokens ``(B, H, W, dim)`` (windows or the full grid).
+    max_mask_bytes : int or None
+        Bias chunk budget, see :func:`rel_pos_attention`.
 
     Returns
     -------
