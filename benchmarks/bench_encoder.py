@@ -129,7 +129,9 @@ def main() -> None:
     max_mask_bytes = int(args.max_mask_mib * 2**20)
     if max_mask_bytes != DEFAULT_MAX_MASK_BYTES:
         for block in encoder.blocks:
-            block.attn.forward = partial(fast_attention_forward, block.attn, max_mask_bytes=max_mask_bytes)
+            block.attn.forward = partial(
+                fast_attention_forward, block.attn, max_mask_bytes=max_mask_bytes
+            )
     timer = None if args.no_breakdown else BlockTimer(encoder)
     image = torch.randn(1, 3, args.size, args.size)
     print(
@@ -189,7 +191,9 @@ def main() -> None:
 
     print("\nmedian wall s / median cpu s:")
     for name in paths:
-        print(f"  {name:10s} {statistics.median(wall[name]):7.2f} / {statistics.median(cpu[name]):7.2f}")
+        print(
+            f"  {name:10s} {statistics.median(wall[name]):7.2f} / {statistics.median(cpu[name]):7.2f}"
+        )
     ref_wall = statistics.median(wall["reference"])
     for name in paths:
         if name != "reference":
@@ -199,7 +203,11 @@ def main() -> None:
             )
 
     if timer is not None:
-        print("\nper-stage median wall s (reference | " + " | ".join(n for n in paths if n != "reference") + "):")
+        print(
+            "\nper-stage median wall s (reference | "
+            + " | ".join(n for n in paths if n != "reference")
+            + "):"
+        )
         stages = sorted({stage for _, stage in timer.seconds})
         totals = defaultdict(float)
         for stage in stages:

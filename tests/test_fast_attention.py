@@ -11,9 +11,9 @@ from functools import partial
 
 import pytest
 import torch
-
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
+
 from napari_amasam.model import fast_attention as fa
 from napari_amasam.model.fast_attention import (
     FastAttention,
@@ -223,7 +223,9 @@ def test_mlp_matches_reference(act):
 def test_onednn_linear_used_only_without_gradient(monkeypatch):
     calls = []
     original = fa._onednn_ok
-    monkeypatch.setattr(fa, "_onednn_ok", lambda x, layer: calls.append(original(x, layer)) or calls[-1])
+    monkeypatch.setattr(
+        fa, "_onednn_ok", lambda x, layer: calls.append(original(x, layer)) or calls[-1]
+    )
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(3, 16)
     with torch.no_grad():

@@ -47,10 +47,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from torch import nn
 
 __all__ = [
     "DEFAULT_MAX_MASK_BYTES",
@@ -292,9 +291,7 @@ def rel_pos_attention(
             return pieces[0]
         # Row chunks of one item follow each other: concatenate rows, then items.
         per_item = len(chunks) // batch
-        items = [
-            torch.cat(pieces[i * per_item : (i + 1) * per_item], dim=1) for i in range(batch)
-        ]
+        items = [torch.cat(pieces[i * per_item : (i + 1) * per_item], dim=1) for i in range(batch)]
         return torch.cat(items, dim=0)
 
     # Inference: one flat bias buffer reused by every chunk (a leading slice of it is a
@@ -419,7 +416,6 @@ def disable_fast_attention(module: nn.Module) -> int:
     for attn in found:
         attn.__class__ = Attention
     return len(found)
-
 
 
 def _activation_name(act: nn.Module) -> str | None:
