@@ -35,6 +35,7 @@ from .backbone import (
 )
 from .cgrl import DomainDiscriminator, align_features
 from .coarse_head import CoarseHead
+from .fast_attention import enable_fast_attention, enable_fast_mlp
 from .hr_decoder import HRDecoder
 from .variants import AlignmentLayer, DecoderAdapter
 
@@ -117,6 +118,10 @@ class AmaSam(nn.Module):
                 else None
             ),
         )
+        if cfg.fast_attention:
+            # Exact re-implementation of SAM's attention/MLP forward; state_dict unchanged.
+            enable_fast_attention(self.sam)
+            enable_fast_mlp(self.sam)
         # fixed at construction, so a trainer that freezes parts temporarily saves the same set
         self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 

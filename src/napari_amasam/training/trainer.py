@@ -7,6 +7,7 @@ at the next step; what was trained is saved. ``resume=True`` continues from ``la
 with optimiser, scheduler and RNG state, so a killed run resumed ends at the same step.
 
 Records (dicts) have a ``stage`` key: ``setup``, ``train``, ``val``, ``save``, ``done``.
+A ``train`` record's ``loss`` is the segmentation loss; ``total_loss`` adds the domain term.
 """
 
 from __future__ import annotations
@@ -296,11 +297,14 @@ def train(
                 optimizer.step()
             step += 1
             steps_timed += 1
-            epoch_losses.append(float(loss.detach()))
+            # The plotted loss is the segmentation objective; the adversarial domain term is
+            # reported on its own (it is maximised by the encoder, so it does not fall).
+            epoch_losses.append(float(loss.detach()) - weights.domain * parts.get("domain", 0.0))
             per_step = (time.perf_counter() - t_start) / steps_timed
             if is_main:
                 yield {"stage": "train", "epoch": epoch, "epochs": n_epochs, "step": step,
-                       "total_steps": total_steps, "loss": epoch_losses[-1], "losses": parts,
+                       "total_steps": total_steps, "loss": epoch_losses[-1], "total_loss": float(loss.detach()),
+                       "losses": parts,
                        "lr": optimizer.param_groups[0]["lr"], "lam": lam,
                        "eta_s": per_step * (total_steps - step)}
 

@@ -1,0 +1,111 @@
+"""The command line: segment, evaluate and the bad-input paths (one line, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_amasam.cli import main
+
+from .helpers import DEMO_DATA, primary_folder
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "napari_amasam.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], result.stderr
+
+
+def test_train_missing_primary_folder_is_one_line(tmp_path):
+    result = run_cli("train", "--primary", tmp_path / "nope", "--out", tmp_path / "m",
+                     "--backbone", "tiny")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "nope" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_bad_arguments(tmp_path):
+    assert_one_line_error(run_cli("train", "--primary", tmp_path), "--out")
+    result = run_cli("train", "--primary", tmp_path, "--out", tmp_path / "m", "--backbone", "vit_x")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert_one_line_error(
+        run_cli("train", "--primary", primary_folder(tmp_path), "--out", tmp_path / "m",
+                "--backbone", "vit_b", "--checkpoint", tmp_path / "missing.pth"),
+        "missing.pth")
+    assert_one_line_error(
+        run_cli("train", "--primary", primary_folder(tmp_path), "--out", tmp_path / "m",
+                "--backbone", "tiny", "--batch-size", "0"), "batch size")
+    assert_one_line_error(run_cli("train", "--resume", tmp_path / "nothing"), "nothing")
+
+
+def test_train_unavailable_device_is_one_line(tmp_path):
+    result = run_cli("train", "--primary", primary_folder(tmp_path), "--out", tmp_path / "m",
+                     "--backbone", "tiny", "--image-size", "128", "--device", "cuda")
+    assert_one_line_error(result, "cuda")
+
+
+def test_segment_skips_bad_files_and_processes_the_rest(tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    good = sorted((DEMO_DATA / "monuseg_heldout" / "images").iterdir())[0]
+    (images / good.name).write_bytes(good.read_bytes())
+    (images / "corrupt.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    result = run_cli("segment", images, tmp_path / "missing.tif", "--model", "classical",
+                     "--out", out, "--geojson", "--csv")
+    assert result.returncode == 1
+    assert "corrupt.png" in result.stderr and "missing.tif" in result.stderr
+    assert "Traceback" not in result.stderr
+    labels = tifffile.imread(out / f"{good.stem}_labels.tif")
+    assert labels.shape == (512, 512) and labels.max() > 50
+    doc = json.loads((out / f"{good.stem}.geojson").read_text())
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == labels.max()
+    assert (out / f"{good.stem}.csv").read_text().count("\n") == labels.max() + 1
+
+
+def test_segment_bad_model_folder_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("segment", tmp_path, "--model", tmp_path / "nomodel",
+                                  "--out", tmp_path / "o"), "nomodel")
+
+
+def test_evaluate_table_and_json(tmp_path, capsys):
+    gt_dir = DEMO_DATA / "monuseg_heldout"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    stems = [p.stem for p in sorted((gt_dir / "labels").iterdir())]
+    for i, stem in enumerate(stems[:3]):
+        labels = tifffile.imread(gt_dir / "labels" / f"{stem}.tif")
+        if i == 1:  # one imperfect prediction: half of the nuclei missing
+            labels = np.where(labels % 2 == 0, labels, 0)
+        tifffile.imwrite(pred / f"{stem}_labels.tif", labels)
+    report = tmp_path / "metrics.json"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt_dir), "--json", str(report)]) == 0
+    printed = capsys.readouterr()
+    assert stems[0] in printed.out and "mean" in printed.out
+    assert stems[3] in printed.err  # no prediction for the 4th image: warned, not scored
+    doc = json.loads(report.read_text())
+    assert set(doc["images"]) == set(stems[:3])
+    keys = {"dice", "aji", "aji_plus", "dice2", "dq", "sq", "pq", "f1"}
+    assert set(doc["mean"]) >= keys and set(doc["images"][stems[0]]) == keys
+    assert doc["images"][stems[0]]["aji"] == pytest.approx(1.0)
+    assert doc["images"][stems[1]]["f1"] < 0.8
+    assert doc["mean"]["pq"] == pytest.approx(np.mean([doc["images"][s]["pq"] for s in stems[:3]]))
+
+
+def test_evaluate_nothing_matches_is_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    assert_one_line_error(run_cli("evaluate", "--pred", tmp_path / "a",
+                                  "--gt", DEMO_DATA / "monuseg_heldout"), "matches")
