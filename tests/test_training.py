@@ -42,6 +42,9 @@ def test_training_lowers_the_loss_on_real_images(tmp_path):
     for name in ("config.json", "thresholds.json", "weights.pt", "best.pt", "last.pt",
                  "base_sam.pt", "history.csv"):
         assert (out / name).is_file(), name
+    tuned = [r for r in records if r["stage"] == "thresholds"]
+    assert len(tuned) == 1 and tuned[0]["thresholds"]["method"] in ("distance", "edt")
+    assert folder.thresholds.to_dict() == tuned[0]["thresholds"]
     history = read_history(out)
     assert len(history) == 1 and "val_dice" in history[0]
     model, _ = load_model(out)
@@ -145,3 +148,35 @@ def test_two_process_gloo_run_completes(tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 3
     load_model(out)
+
+
+def test_threshold_tuning_never_scores_below_the_defaults():
+    from napari_amasam.config import PostprocessConfig
+    from napari_amasam.data import instance_targets, read_labels
+    from napari_amasam.inference.predictor import Maps, Predictor
+    from napari_amasam.metrics import evaluate_pair
+    from napari_amasam.training.thresholds import optimize_thresholds
+
+    from .helpers import DEMO_DATA
+
+    gt = read_labels(sorted((DEMO_DATA / "monuseg_heldout" / "labels").iterdir())[0])[:200, :200]
+    targets = instance_targets(gt)
+    rng = np.random.default_rng(0)
+    # Noisy maps: the defaults are not the best settings for them.
+    noisy = [np.clip(t + rng.normal(0, 0.25, t.shape), 0, 1).astype(np.float32) for t in targets]
+
+    class FakePredictor:
+        postprocess = Predictor.postprocess
+
+        def __init__(self):
+            self.thresholds = PostprocessConfig()
+            self.is_classical = False
+
+        def predict_maps(self, image, input_mpp=None):
+            return Maps(noisy[0], noisy[1], noisy[2], 1.0)
+
+    fake = FakePredictor()
+    best, scores = optimize_thresholds(fake, [(np.zeros((200, 200, 3), np.uint8), gt)])
+    default_aji = evaluate_pair(gt, fake.postprocess(fake.predict_maps(None)))["aji"]
+    assert scores["aji"] >= default_aji
+    assert scores["aji"] == pytest.approx(evaluate_pair(gt, fake.postprocess(fake.predict_maps(None), best))["aji"])

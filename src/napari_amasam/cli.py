@@ -69,6 +69,14 @@ def _format_record(record: dict) -> str | None:
                 f" ({record['n_images']} images)")
     if stage == "setup":
         return record["message"]
+    if stage == "thresholds":
+        t, m = record["thresholds"], record["metrics"]
+        how = (f"distance watershed, foreground {t['foreground_threshold']}, centre "
+               f"{t['center_distance_threshold']}, boundary {t['boundary_distance_threshold']}"
+               if t["method"] == "distance" else
+               f"EDT watershed, foreground {t['foreground_threshold']}, peak distance {t['edt_min_distance']}")
+        return f"post-processing chosen on validation: {how} (AJI {m['aji']:.4f}, PQ {m['pq']:.4f})"
+
     if stage == "done":
         state = "cancelled" if record["cancelled"] else "finished"
         return f"training {state} at step {record['step']}: model folder {record['model_dir']}"

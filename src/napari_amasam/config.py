@@ -219,6 +219,9 @@ class TrainConfig:
         CPU threads for torch (0 = torch's default).
     val_every : int
         Validate every this many epochs.
+    tune_thresholds : bool
+        After training, choose ``thresholds.json`` (instance method and thresholds) on the
+        validation images by mean AJI (see ``training.thresholds``).
     init_from : str or None
         Start from the weights of this model folder (fine-tuning with new or corrected data):
         its architecture, base checkpoint and thresholds are taken over.
@@ -248,6 +251,7 @@ class TrainConfig:
     amp: bool = True
     num_threads: int = 0
     val_every: int = 1
+    tune_thresholds: bool = True
     init_from: str | None = None
 
     def __post_init__(self) -> None:

@@ -128,6 +128,18 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str,
             "n_skipped": summary.get("n_skipped", 0), "images": per_image}
 
 
+def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, out):
+    """Thresholds for the best weights, chosen on (at most 4) validation images."""
+    from ..inference.predictor import Predictor
+    from .thresholds import optimize_thresholds
+
+    model.load_trainable_state_dict(torch_load(out / "weights.pt", "model weights"))
+    model.eval()
+    predictor = Predictor(model, model_cfg, thresholds, mpp=mpp, device=device)
+    items = [(image, labels) for _, image, labels in val_items[:4]]
+    return optimize_thresholds(predictor, items, thresholds)
+
+
 def train(
     cfg: TrainConfig,
     model_cfg: ModelConfig,
@@ -345,6 +357,11 @@ def train(
 
     if cancelled and is_main:
         yield save(step, step // steps_per_epoch, best=False)
+    elif is_main and cfg.tune_thresholds and val_items:
+        yield {"stage": "setup", "message": "choosing post-processing thresholds on validation images"}
+        tuned, scores = _tune_thresholds(model, model_cfg, thresholds, val_items, device, cfg.mpp, out)
+        write_thresholds(out, tuned)
+        yield {"stage": "thresholds", "thresholds": tuned.to_dict(), "metrics": scores}
     if is_main:
         yield {"stage": "done", "cancelled": cancelled, "step": step, "total_steps": total_steps,
                "model_dir": str(out), "best_dice": best_dice}
