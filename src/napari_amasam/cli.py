@@ -33,6 +33,12 @@ def add_train_parser(sub) -> None:
     p.add_argument("--backbone", default="vit_b", choices=["tiny", "vit_b", "vit_l", "vit_h"])
     p.add_argument("--checkpoint", help="official SAM checkpoint .pth for vit_b/vit_l/vit_h")
     p.add_argument("--alignment", default="cgrl", choices=["cgrl", "grl", "none"])
+    p.add_argument("--decoder-adapter", action="store_true",
+                   help="SAM-DA: learnable prompt tokens + adapters in the mask decoder")
+    p.add_argument("--alignment-layer", type=int, default=0, metavar="BLOCKS",
+                   help="CA-SAM: residual alignment blocks between encoder and decoder (0 = off)")
+    p.add_argument("--lambda-max", type=float, default=1.0,
+                   help="maximum gradient-reversal strength (warmed up over training)")
     p.add_argument("--epochs", type=int, default=None, help="default 30 (resume: as recorded)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (0 = no limit)")
     p.add_argument("--steps-per-epoch", type=int, default=0)
@@ -99,7 +105,9 @@ def cmd_train(args) -> int:
                   "weights (download the official .pth once and pass its path)", file=sys.stderr)
         image_size = args.image_size or (256 if args.backbone == "tiny" else 1024)
         model_cfg = ModelConfig(backbone=args.backbone, image_size=image_size,
-                                alignment=args.alignment,
+                                alignment=args.alignment, lambda_max=args.lambda_max,
+                                decoder_adapter=args.decoder_adapter,
+                                alignment_layer_blocks=args.alignment_layer,
                                 trainable_backbone=args.trainable_backbone)
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
