@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -10,6 +11,9 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "resources" / "demo" / "data"
+# The project's shared datasets sit beside the repository (``../shared/data``); CI clones
+# the repository with ``shared/`` beside it. NAPARI_AMASAM_SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("NAPARI_AMASAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def tiny_model_config(**overrides):

@@ -13,7 +13,9 @@ from skimage.transform import rescale
 from napari_amasam import metrics
 from napari_amasam.inference.classical import segment_classical
 
-DATA = Path("/work/shared/data")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
 MONUSEG_ID = "TCGA-21-5784-01Z-00-DX1"  # measured: Dice 0.73, AJI 0.43, PQ 0.35
 TNBC_ID = "01_1"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -19,8 +18,9 @@ from napari_amasam.data.io import (
 )
 from napari_amasam.errors import DataError
 
-DATA = Path("/work/shared/data")
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not available")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
 
 
 @pytest.fixture
@@ -29,7 +29,6 @@ def rgb() -> np.ndarray:
     return rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
 
 
-@needs_data
 def test_real_png_and_tif_read_as_canonical_arrays():
     image = read_image(DATA / "tnbc/images/01_1.png")
     labels = read_labels(DATA / "tnbc/labels/01_1.tif")

@@ -24,8 +24,10 @@ from napari_amasam.data.io import read_image, read_labels
 from napari_amasam.data.targets import instance_targets
 from napari_amasam.errors import DataError
 
-DATA = Path("/work/shared/data")
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not available")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
+
 
 
 @pytest.fixture(scope="module")

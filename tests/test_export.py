@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import uuid
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -15,7 +14,9 @@ from skimage.draw import polygon as fill_polygon
 
 from napari_amasam import export
 
-DATA = Path("/work/shared/data")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
 TNBC_ID = "01_1"
 
 

@@ -19,8 +19,9 @@ from napari_amasam.data.folders import (
 )
 from napari_amasam.errors import DataError
 
-DATA = Path("/work/shared/data")
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not available")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
 
 
 def _stats_nuclei(stats_file: Path) -> int:
@@ -54,7 +55,6 @@ def _write_pair(
     )
 
 
-@needs_data
 @pytest.mark.parametrize(
     "folder, n_pairs, stats",
     [
@@ -72,7 +72,6 @@ def test_real_folders_pair_completely(folder, n_pairs, stats):
     assert pair_folder is find_pairs
 
 
-@needs_data
 def test_real_check_counts_nuclei_and_warns_on_the_empty_label():
     report = check_folders(DATA / "consep_patches_subset/test", [DATA / "tnbc"])
     assert report.ok, report.problems
@@ -91,7 +90,6 @@ def test_real_check_counts_nuclei_and_warns_on_the_empty_label():
     report.raise_if_failed()  # no problems: no exception
 
 
-@needs_data
 def test_monuseg_root_resolves_to_train_and_check_is_fast():
     import time
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,9 @@ from skimage.segmentation import find_boundaries
 
 from napari_amasam import metrics
 
-DATA = Path("/work/shared/data")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
 MONUSEG_LABEL = DATA / "monuseg/train/labels/TCGA-18-5592-01Z-00-DX1.tif"
 
 s = np.s_

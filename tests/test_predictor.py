@@ -20,7 +20,9 @@ from napari_amasam.errors import AmaSamError
 from napari_amasam.inference.predictor import Maps, Predictor
 from napari_amasam.inference.tiling import tile_grid
 
-MONUSEG = sorted(glob.glob("/work/shared/data/monuseg/train/images/*.png"))
+from .helpers import SHARED_DATA
+
+MONUSEG = sorted(glob.glob(str(SHARED_DATA / "monuseg" / "train" / "images" / "*.png")))
 
 
 @dataclass
@@ -326,7 +328,11 @@ def test_classical_predictor_segments_monuseg():
 def tiny_model_folder(tmp_path_factory):
     """A model folder holding a random-weight ``tiny`` AMA-SAM (64-pixel input)."""
     from napari_amasam.model import build_amasam
-    from napari_amasam.training.model_folder import atomic_torch_save, write_config, write_thresholds
+    from napari_amasam.training.model_folder import (
+        atomic_torch_save,
+        write_config,
+        write_thresholds,
+    )
 
     torch.manual_seed(0)
     config = ModelConfig(backbone="tiny", image_size=64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ from scipy import ndimage
 from napari_amasam.data.io import read_labels
 from napari_amasam.data.targets import instance_targets
 
-DATA = Path("/work/shared/data")
+from .helpers import SHARED_DATA
+
+DATA = SHARED_DATA
 
 
 def _disc(shape=(41, 41), centre=(20, 20), radius=12) -> np.ndarray:
@@ -107,7 +108,6 @@ def test_empty_labels_give_zeros():
         instance_targets(np.zeros((2, 7, 9), np.int32))
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared data not available")
 def test_full_monuseg_tile_is_fast():
     labels = read_labels(DATA / "monuseg/train/labels/TCGA-18-5592-01Z-00-DX1.tif")
     n_objects = len(np.unique(labels)) - 1

@@ -38,7 +38,7 @@ def test_grid_covers_every_pixel_with_full_tiles_aligned_to_edges(height, width,
     xs = sorted({t.x for t in tiles})
     # Neighbours overlap by at least ``overlap`` (and never leave a gap).
     for starts in (ys, xs):
-        for a, b in zip(starts, starts[1:]):
+        for a, b in zip(starts, starts[1:], strict=False):
             assert b - a <= tile - overlap
 
 

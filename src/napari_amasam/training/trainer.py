@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -27,10 +26,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from ..data.dataset import primary_rows
 from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
 from . import distributed as dist_utils
-from ..data.dataset import primary_rows
 from .losses import LossWeights, amasam_loss
 from .model_folder import (
     append_history,
@@ -213,7 +212,7 @@ def train(
     if len(aux_mpp) != len(cfg.aux):
         raise ConfigError(f"{len(aux_mpp)} auxiliary mpp values for {len(cfg.aux)} auxiliary folders")
     datasets = [DomainDataset(train_pairs, 0, mpp=cfg.mpp, target_mpp=cfg.mpp)]
-    for i, (folder_path, mpp) in enumerate(zip(cfg.aux, aux_mpp), start=1):
+    for i, (folder_path, mpp) in enumerate(zip(cfg.aux, aux_mpp, strict=True), start=1):
         datasets.append(DomainDataset(find_pairs(folder_path), i, mpp=mpp, target_mpp=cfg.mpp))
     sampler = MultiDomainSampler(
         datasets, cfg.batch_size, cfg.primary_share, seed=cfg.seed + 7919 * rank,
