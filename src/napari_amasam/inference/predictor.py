@@ -119,6 +119,15 @@ def _sigmoid_inplace(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _run_to_end(generator: Generator[Progress, None, Any]) -> Any:
+    """Exhaust a progress generator, discarding its records; returns its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
 class Predictor:
     """Segment nuclei in images of any size with a trained AMA-SAM model.
 
@@ -354,12 +363,7 @@ class Predictor:
 
     def predict_maps(self, image: np.ndarray, **kwargs: Any) -> Maps:
         """:meth:`iter_predict_maps` run to the end; returns its :class:`Maps`."""
-        generator = self.iter_predict_maps(image, **kwargs)
-        while True:
-            try:
-                next(generator)
-            except StopIteration as stop:
-                return stop.value
+        return _run_to_end(self.iter_predict_maps(image, **kwargs))
 
     def postprocess(self, maps: Maps, thresholds: PostprocessConfig | None = None) -> np.ndarray:
         """Instance labels from :class:`Maps` (no network involved).
@@ -427,9 +431,4 @@ class Predictor:
 
     def segment(self, image: np.ndarray, **kwargs: Any) -> np.ndarray:
         """:meth:`iter_segment` run to the end; returns the ``H x W int32`` labels."""
-        generator = self.iter_segment(image, **kwargs)
-        while True:
-            try:
-                next(generator)
-            except StopIteration as stop:
-                return stop.value.labels
+        return _run_to_end(self.iter_segment(image, **kwargs)).labels
