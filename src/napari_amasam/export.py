@@ -35,6 +35,8 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.measure import approximate_polygon, find_contours, regionprops
 
+from ._labels import check_label_map
+
 MEASUREMENT_COLUMNS = (
     "label",
     "area",
@@ -50,19 +52,6 @@ DEFAULT_COLOR = (255, 0, 0)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.ndim != 2:
-        raise ValueError(f"labels must be a 2-D (H, W) instance map, got shape {arr.shape}")
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must be an integer instance map, got dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"labels has negative ids (min {arr.min()}); 0 must be background")
-    return arr
 
 
 def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -121,7 +110,7 @@ def write_labels_tiff(path: str | Path, labels: np.ndarray) -> Path:
     -------
     Path written.
     """
-    arr = _check_labels(labels)
+    arr = check_label_map(labels)
     max_label = int(arr.max()) if arr.size else 0
     out = arr.astype(smallest_label_dtype(max_label), copy=False)
     return _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, out, compression="zlib"))
@@ -150,7 +139,7 @@ def nucleus_measurements(
     ``perimeter`` (pixels, skimage's 4-connected estimate), ``eccentricity`` (0 = circle),
     ``mean_intensity``.
     """
-    arr = _check_labels(labels)
+    arr = check_label_map(labels)
     grey = _grey(image, arr.shape)
     props = regionprops(arr)
     n = len(props)
@@ -257,7 +246,7 @@ def labels_to_geojson(
     ``objectType`` ("detection"), ``classification`` {name, color}, ``measurements``
     (label-map pixels; NaN values left out, JSON has no NaN) and ``label``.
     """
-    arr = _check_labels(labels)
+    arr = check_label_map(labels)
     if downsample <= 0:
         raise ValueError(f"downsample must be positive, not {downsample}")
     off_y, off_x = (float(v) for v in offset)

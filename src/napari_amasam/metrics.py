@@ -27,6 +27,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from ._labels import check_label_map
+
 METRIC_NAMES = ("dice", "aji", "aji_plus", "dice2", "dq", "sq", "pq", "f1")
 
 # HoVer-Net's SQ denominator: SQ = sum(IoU) / (TP + 1e-6), so a perfect match prints 0.999999.
@@ -36,23 +38,9 @@ _SQ_EPS = 1e-6
 # ----------------------------------------------------------------------------- label handling
 
 
-def _as_label_map(labels: np.ndarray, name: str) -> np.ndarray:
-    """Check one instance map: 2-D, integer (or bool), no negative ids."""
-    arr = np.asarray(labels)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D instance map, got shape {arr.shape}")
-    if arr.dtype == bool:
-        return arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer instance map, got dtype {arr.dtype}")
-    if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
-        raise ValueError(f"{name} has negative ids (min {arr.min()}); 0 must be background")
-    return arr
-
-
 def _check_pair(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    gt = _as_label_map(gt, "ground truth")
-    pred = _as_label_map(pred, "prediction")
+    gt = check_label_map(gt, "ground truth")
+    pred = check_label_map(pred, "prediction")
     if gt.shape != pred.shape:
         raise ValueError(
             f"ground truth and prediction shapes differ: {gt.shape} vs {pred.shape}"
