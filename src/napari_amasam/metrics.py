@@ -218,13 +218,21 @@ def _aji_sums(t: _Overlap) -> tuple[float, float]:
     order = np.lexsort((t.p, -t.iou, t.g))
     g_sorted = t.g[order]
     first = order[np.r_[True, g_sorted[1:] != g_sorted[:-1]]]
-    first = first[t.iou[first] > 0]
-    inter_sum = float(t.inter[first].sum())
-    union_sum = float(t.union[first].sum())
+    return _pooled_sums(t, first[t.iou[first] > 0])
+
+
+def _pooled_sums(t: _Overlap, pairs: np.ndarray) -> tuple[float, float]:
+    """AJI-style sums for the chosen pairs (indices or mask over ``t``'s pairs).
+
+    Returns the summed intersection of the pairs, and their summed union plus the area of
+    every object (GT or prediction) that is in no chosen pair.
+    """
+    inter_sum = float(t.inter[pairs].sum())
+    union_sum = float(t.union[pairs].sum())
     gt_paired = np.zeros(t.n_gt, bool)
-    gt_paired[t.g[first]] = True
+    gt_paired[t.g[pairs]] = True
     pred_paired = np.zeros(t.n_pred, bool)
-    pred_paired[t.p[first]] = True
+    pred_paired[t.p[pairs]] = True
     union_sum += float(t.gt_area[~gt_paired].sum() + t.pred_area[~pred_paired].sum())
     return inter_sum, union_sum
 
@@ -246,14 +254,7 @@ def _aji_plus(t: _Overlap) -> float:
         return math.nan
     if t.g.size == 0:
         return 0.0
-    chosen = _one_to_one_iou(t) & (t.iou > 0)
-    inter_sum = float(t.inter[chosen].sum())
-    union_sum = float(t.union[chosen].sum())
-    gt_paired = np.zeros(t.n_gt, bool)
-    gt_paired[t.g[chosen]] = True
-    pred_paired = np.zeros(t.n_pred, bool)
-    pred_paired[t.p[chosen]] = True
-    union_sum += float(t.gt_area[~gt_paired].sum() + t.pred_area[~pred_paired].sum())
+    inter_sum, union_sum = _pooled_sums(t, _one_to_one_iou(t) & (t.iou > 0))
     return inter_sum / union_sum
 
 
