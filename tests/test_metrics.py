@@ -142,6 +142,22 @@ def test_pq_below_half_pairs_by_hungarian_then_thresholds():
     assert res["sq"] == pytest.approx(0.6, abs=1e-5)
 
 
+def test_match_instances_gives_pq_true_positives_in_original_ids():
+    gt = _rect_map({5: s[0:10, 0:10], 9: s[20:30, 20:30], 40: s[40:50, 40:50]})
+    pred = _rect_map({3: s[0:10, 1:10], 70: s[20:30, 26:36], 8: s[50:60, 0:10]})  # IoU 0.9, 0.25
+    gt_ids, pred_ids = metrics.match_instances(gt, pred)
+    assert gt_ids.tolist() == [5] and pred_ids.tolist() == [3] and gt_ids.dtype == np.int64
+    assert metrics.pq(gt, pred)["dq"] == pytest.approx(1 / (1 + 0.5 * 2 + 0.5 * 2))
+    # Below 0.5 the one-to-one assignment decides, as in pq().
+    gt_ids, pred_ids = metrics.match_instances(gt, pred, match_iou=0.2)
+    assert sorted(zip(gt_ids.tolist(), pred_ids.tolist(), strict=True)) == [(5, 3), (9, 70)]
+    gt2 = _rect_map({1: s[0:10, 0:20]})
+    pred2 = _rect_map({1: s[0:10, 0:12], 2: s[0:10, 12:20]})
+    assert [a.tolist() for a in metrics.match_instances(gt2, pred2, match_iou=0.3)] == [[1], [1]]
+    with pytest.raises(ValueError, match="match_iou"):
+        metrics.match_instances(gt, pred, match_iou=1.0)
+
+
 def test_detection_f1_radius_is_a_parameter():
     gt = _rect_map({1: s[10:20, 10:20], 2: s[40:50, 40:50]})
     shifted = np.roll(gt, 5, axis=1)

@@ -147,6 +147,11 @@ def _overlap(gt: np.ndarray, pred: np.ndarray) -> tuple[_Overlap, np.ndarray, np
     return table, gt_rel, pred_rel
 
 
+def _table(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
+    """Check both maps and return their overlap table."""
+    return _overlap(*_check_pair(gt, pred))[0]
+
+
 def _both_empty(t: _Overlap) -> bool:
     return t.n_gt == 0 and t.n_pred == 0
 
@@ -267,14 +272,18 @@ def _dice2(t: _Overlap) -> float:
     return 2.0 * float(t.inter.sum()) / markup
 
 
+def _pq_matches(t: _Overlap, match_iou: float) -> np.ndarray:
+    """PQ's true positives (bool mask over pairs): one-to-one pairs with IoU > match_iou."""
+    if match_iou >= 0.5:
+        # IoU > 0.5 pairs are unique on both sides, so no assignment is needed.
+        return t.iou > match_iou
+    return _one_to_one_iou(t) & (t.iou > match_iou)
+
+
 def _pq(t: _Overlap, match_iou: float) -> dict[str, float]:
     if _both_empty(t):
         return {"dq": math.nan, "sq": math.nan, "pq": math.nan}
-    if match_iou >= 0.5:
-        # IoU > 0.5 pairs are unique on both sides, so no assignment is needed.
-        matched = t.iou > match_iou
-    else:
-        matched = _one_to_one_iou(t) & (t.iou > match_iou)
+    matched = _pq_matches(t, match_iou)
     tp = int(matched.sum())
     fp = t.n_pred - tp
     fn = t.n_gt - tp
@@ -298,7 +307,7 @@ def dice(gt: np.ndarray, pred: np.ndarray) -> float:
     -------
     float in [0, 1], NaN when both maps are empty.
     """
-    return _dice(_overlap(*_check_pair(gt, pred))[0])
+    return _dice(_table(gt, pred))
 
 
 def aji(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -315,7 +324,7 @@ def aji(gt: np.ndarray, pred: np.ndarray) -> float:
     -------
     float in [0, 1], NaN when both maps are empty.
     """
-    return _aji(_overlap(*_check_pair(gt, pred))[0])
+    return _aji(_table(gt, pred))
 
 
 def aji_plus(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -329,7 +338,7 @@ def aji_plus(gt: np.ndarray, pred: np.ndarray) -> float:
     -------
     float in [0, 1], NaN when both maps are empty.
     """
-    return _aji_plus(_overlap(*_check_pair(gt, pred))[0])
+    return _aji_plus(_table(gt, pred))
 
 
 def dice2(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -343,7 +352,7 @@ def dice2(gt: np.ndarray, pred: np.ndarray) -> float:
     -------
     float in [0, 1], NaN when both maps are empty.
     """
-    return _dice2(_overlap(*_check_pair(gt, pred))[0])
+    return _dice2(_table(gt, pred))
 
 
 def pq(gt: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -> dict[str, float]:
@@ -361,9 +370,48 @@ def pq(gt: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -> dict[str, fl
     dict with ``dq`` (TP / (TP + FP/2 + FN/2)), ``sq`` (sum IoU / (TP + 1e-6)) and
     ``pq`` (dq * sq); all NaN when both maps are empty.
     """
+    _check_match_iou(match_iou)
+    return _pq(_table(gt, pred), match_iou)
+
+
+def _check_match_iou(match_iou: float) -> None:
     if not 0.0 <= match_iou < 1.0:
         raise ValueError(f"match_iou must be in [0, 1), not {match_iou}")
-    return _pq(_overlap(*_check_pair(gt, pred))[0], match_iou)
+
+
+def _original_ids(labels: np.ndarray, relabelled: np.ndarray, n: int) -> np.ndarray:
+    """(n,) original id of each object 1..n of ``relabel_contiguous(labels)``."""
+    ids = np.zeros(n + 1, np.int64)
+    ids[relabelled.ravel()] = np.asarray(labels).ravel()
+    return ids[1:]
+
+
+def match_instances(
+    gt: np.ndarray, pred: np.ndarray, match_iou: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matches PQ counts as true positives, in the maps' own ids.
+
+    Parameters
+    ----------
+    gt, pred : (H, W) integer arrays
+        Instance maps, 0 = background.
+    match_iou : float
+        A pair matches iff IoU > match_iou, as in :func:`pq` (unique at 0.5 and above;
+        below, pairs come from the Hungarian method first).
+
+    Returns
+    -------
+    gt_ids, pred_ids : (K,) int64 arrays
+        ``gt_ids[k]`` and ``pred_ids[k]`` are the k-th matched pair. Objects in neither are
+        the false negatives (GT) and false positives (prediction).
+    """
+    _check_match_iou(match_iou)
+    gt, pred = _check_pair(gt, pred)
+    table, gt_rel, pred_rel = _overlap(gt, pred)
+    matched = _pq_matches(table, match_iou)
+    gt_ids = _original_ids(gt, gt_rel, table.n_gt)
+    pred_ids = _original_ids(pred, pred_rel, table.n_pred)
+    return gt_ids[table.g[matched]], pred_ids[table.p[matched]]
 
 
 def _centroids(rel: np.ndarray, n: int) -> np.ndarray:
@@ -511,7 +559,7 @@ def aggregated_aji(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     inter_total = 0.0
     union_total = 0.0
     for gt, pred in pairs:
-        inter_sum, union_sum = _aji_sums(_overlap(*_check_pair(gt, pred))[0])
+        inter_sum, union_sum = _aji_sums(_table(gt, pred))
         inter_total += inter_sum
         union_total += union_sum
     return inter_total / union_total if union_total > 0 else math.nan
