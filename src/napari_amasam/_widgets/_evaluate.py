@@ -44,30 +44,20 @@ def match_nuclei(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[np
     gt, pred : (H, W) integer arrays
         Instance maps, 0 = background.
     iou : float
-        Matching threshold; above 0.5 a match is unique, so no assignment is needed.
+        Matching threshold (see ``metrics.match_instances``).
 
     Returns
     -------
     unmatched_pred, unmatched_gt : 1-D int arrays
         Ids of false-positive predictions and of false-negative (missed) ground-truth nuclei.
     """
-    gt = np.asarray(gt).astype(np.int64, copy=False).ravel()
-    pred = np.asarray(pred).astype(np.int64, copy=False).ravel()
-    gt_ids, gt_inv = np.unique(gt, return_inverse=True)
-    pred_ids, pred_inv = np.unique(pred, return_inverse=True)
-    n_pred = len(pred_ids)
-    # Joint histogram of (gt index, pred index) codes: intersections of every overlapping pair.
-    codes, inter = np.unique(gt_inv * n_pred + pred_inv, return_counts=True)
-    g, p = np.divmod(codes, n_pred)
-    gt_area = np.bincount(gt_inv, minlength=len(gt_ids))
-    pred_area = np.bincount(pred_inv, minlength=n_pred)
-    foreground = (gt_ids[g] != 0) & (pred_ids[p] != 0)
-    g, p, inter = g[foreground], p[foreground], inter[foreground]
-    ious = inter / (gt_area[g] + pred_area[p] - inter)
-    matched = ious > iou
-    matched_gt, matched_pred = set(gt_ids[g[matched]]), set(pred_ids[p[matched]])
-    unmatched_pred = np.array([i for i in pred_ids if i != 0 and i not in matched_pred], dtype=np.int64)
-    unmatched_gt = np.array([i for i in gt_ids if i != 0 and i not in matched_gt], dtype=np.int64)
+    from ..metrics import match_instances
+
+    gt = np.asarray(gt).astype(np.int64, copy=False)
+    pred = np.asarray(pred).astype(np.int64, copy=False)
+    matched_gt, matched_pred = match_instances(gt, pred, iou)
+    unmatched_pred = np.setdiff1d(pred, np.append(matched_pred, 0))
+    unmatched_gt = np.setdiff1d(gt, np.append(matched_gt, 0))
     return unmatched_pred, unmatched_gt
 
 
