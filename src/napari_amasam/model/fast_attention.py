@@ -382,13 +382,17 @@ class FastAttention(Attention):
         return fast_attention_forward(self, x)
 
 
-def _attention_modules(module: nn.Module) -> list[nn.Module]:
-    """Modules whose class is exactly ``Attention`` or ``FastAttention``.
+def _reclass(module: nn.Module, classes: tuple[type, ...], new_class: type) -> int:
+    """Re-class every module in ``module`` whose class is exactly one of ``classes``.
 
-    Subclasses with their own forward (e.g. a LoRA variant) are left alone: re-classing them
-    would drop their behaviour. Replacing ``attn.qkv`` by another module is fine.
+    Exact classes only: subclasses with their own forward (e.g. a LoRA variant) are left
+    alone, since re-classing them would drop their behaviour. Replacing ``attn.qkv`` by
+    another module is fine. Returns the number of modules now of ``new_class`` this way.
     """
-    return [m for m in module.modules() if type(m) in (Attention, FastAttention)]
+    found = [m for m in module.modules() if type(m) in classes]
+    for m in found:
+        m.__class__ = new_class
+    return len(found)
 
 
 def enable_fast_attention(module: nn.Module) -> int:
@@ -404,18 +408,12 @@ def enable_fast_attention(module: nn.Module) -> int:
     int
         Number of ``Attention`` modules now on the fast path (already switched ones count).
     """
-    found = _attention_modules(module)
-    for attn in found:
-        attn.__class__ = FastAttention
-    return len(found)
+    return _reclass(module, (Attention, FastAttention), FastAttention)
 
 
 def disable_fast_attention(module: nn.Module) -> int:
     """Undo :func:`enable_fast_attention`; returns the number of modules switched back."""
-    found = [m for m in module.modules() if type(m) is FastAttention]
-    for attn in found:
-        attn.__class__ = Attention
-    return len(found)
+    return _reclass(module, (FastAttention,), Attention)
 
 
 def _activation_name(act: nn.Module) -> str | None:
@@ -469,15 +467,9 @@ def enable_fast_mlp(module: nn.Module) -> int:
     ``MLPBlock`` are left alone. :func:`reference_attention` also selects the original
     MLP forward.
     """
-    found = [m for m in module.modules() if type(m) in (MLPBlock, FastMLPBlock)]
-    for mlp in found:
-        mlp.__class__ = FastMLPBlock
-    return len(found)
+    return _reclass(module, (MLPBlock, FastMLPBlock), FastMLPBlock)
 
 
 def disable_fast_mlp(module: nn.Module) -> int:
     """Undo :func:`enable_fast_mlp`; returns the number of modules switched back."""
-    found = [m for m in module.modules() if type(m) is FastMLPBlock]
-    for mlp in found:
-        mlp.__class__ = MLPBlock
-    return len(found)
+    return _reclass(module, (FastMLPBlock,), MLPBlock)
