@@ -110,6 +110,14 @@ def notify(message: str, error: bool = False) -> None:
         log.warning(message)
 
 
+def report_error(widget: QWidget, exc: BaseException) -> None:
+    """A widget's error path: keep ``exc`` as ``widget.last_error``, show it in
+    ``widget.status`` and as a napari notification."""
+    widget.last_error = exc
+    widget.status.setText(f"error: {exc}")
+    notify(str(exc), error=True)
+
+
 class Progress:
     """A napari progress bar that accepts totals late and closes once."""
 

@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import notify
+from ._common import report_error
 
 if TYPE_CHECKING:
     import napari
@@ -170,7 +170,4 @@ class EvaluateWidget(QWidget):
             metadata={"values": {FALSE_POSITIVE: "false positive", FALSE_NEGATIVE: "false negative"}})
 
     def _fail(self, exc: BaseException) -> None:
-        self.last_error = exc
-        self.status.setText(f"error: {exc}")
-        notify(str(exc), error=True)
-        return None
+        report_error(self, exc)

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import PathPicker, Progress, device_combo, notify, trained_models
+from ._common import PathPicker, Progress, device_combo, notify, report_error, trained_models
 from ._training_data import safe_stem, save_training_pair, unique_folder
 from ._workers import Job
 
@@ -600,9 +600,7 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(False)
 
     def _show_error(self, exc: BaseException) -> None:
-        self.last_error = exc
-        self.status.setText(f"error: {exc}")
-        notify(str(exc), error=True)
+        report_error(self, exc)
 
 
 def _disconnect(signal, slot) -> None:

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import PathPicker, Progress, device_combo, notify, trained_models
+from ._common import PathPicker, Progress, device_combo, notify, report_error, trained_models
 from ._plot import TrainingPlot
 from ._workers import Job
 
@@ -290,6 +290,4 @@ class TrainWidget(QWidget):
             self.finished.emit(folder)
 
     def _show_error(self, exc: BaseException) -> None:
-        self.last_error = exc
-        self.status.setText(f"error: {exc}")
-        notify(str(exc), error=True)
+        report_error(self, exc)
