@@ -4,10 +4,11 @@ Run under a virtual display::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python resources/screenshots/take_screenshots.py
 
-Writes ``train.png`` (after a short real training run of the tiny model on crops of the
-bundled MoNuSeg sample, with its live plot), ``segment.png`` (the sample segmented by the
-classical baseline, features table filled) and ``evaluate.png`` (that result against the
-sample's ground truth, with false positives/negatives marked) next to this script.
+Writes ``train.png`` (after a real few-minute training run of the tiny model on the bundled
+demo data: MoNuSeg crops as primary, TNBC as auxiliary domain, with its live plot),
+``segment.png`` (the held-out sample segmented by that model, features table filled) and
+``evaluate.png`` (that result against the sample's ground truth, with false
+positives/negatives marked) next to this script.
 """
 
 from __future__ import annotations
@@ -20,31 +21,17 @@ from pathlib import Path
 # Jobs run synchronously so each screenshot shows a finished result.
 os.environ.setdefault("NAPARI_AMASAM_NOTHREADS", "1")
 
-import imageio.v3 as iio  # noqa: E402
 import napari  # noqa: E402
-import tifffile  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
-from napari_amasam._sample_data import load_sample  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
+DEMO = HERE.parent / "demo" / "data"
 PLUGIN = "napari-amasam"
 
 
 def settle(app: QApplication, rounds: int = 20) -> None:
     for _ in range(rounds):
         app.processEvents()
-
-
-def write_primary(root: Path) -> Path:
-    """Four 256x256 training pairs cropped from the bundled breast sample."""
-    image, labels = load_sample("monuseg_breast")
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for i, (y, x) in enumerate([(0, 0), (0, 256), (256, 0), (256, 256)]):
-        iio.imwrite(root / "images" / f"crop{i}.png", image[y:y + 256, x:x + 256])
-        tifffile.imwrite(root / "labels" / f"crop{i}.tif", labels[y:y + 256, x:x + 256])
-    return root
 
 
 def only(docks: dict, name: str) -> None:
@@ -64,16 +51,19 @@ def main() -> int:
         docks[name], widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     settle(app)
 
-    # ---- Train: a short real run of the tiny backbone, its plot and status.
+    # ---- Train: a real run of the tiny backbone on the bundled demo data (MoNuSeg crops as
+    # primary, TNBC as auxiliary domain), its live plot and status. The sample image shown is
+    # a held-out MoNuSeg tile, never seen in training.
     train = widgets["Train"]
-    train.primary.setText(str(write_primary(work / "primary")))
+    train.primary.setText(str(DEMO / "monuseg_train"))
     train.refresh_primary()
+    train.add_aux_folder(str(DEMO / "tnbc_aux"))
     train.backbone.setCurrentText("tiny")
-    train.model_options = dict(tiny_embed_dim=32, tiny_depth=2, tiny_heads=2, tiny_global_attn=(1,))
-    train.image_size.setValue(128)
-    train.epochs.setValue(4)
-    train.steps_per_epoch.setValue(4)
-    train.batch_size.setValue(2)
+    train.model_options = dict(trainable_backbone=True, lambda_max=0.1)
+    train.image_size.setValue(256)
+    train.epochs.setValue(10)
+    train.steps_per_epoch.setValue(30)
+    train.batch_size.setValue(4)
     train.lr.setValue(1e-3)
     train.device.setCurrentText("cpu")
     train.output.setText(str(work / "tiny_model"))
@@ -85,11 +75,9 @@ def main() -> int:
     settle(app)
     viewer.screenshot(str(HERE / "train.png"), canvas_only=False)
 
-    # ---- Segment: the classical baseline on the sample (the tiny model is not trained enough
-    # to show meaningful nuclei; it is offered in the model list after the run above).
+    # ---- Segment: the model just trained (the Segment widget selects it when training ends).
     segment = widgets["Segment nuclei"]
     segment.image_layer.setCurrentText("monuseg_breast")
-    segment.model.setCurrentText("classical")
     segment.run()
     if segment.last_error is not None:
         print(f"segmentation failed: {segment.last_error}", file=sys.stderr)
