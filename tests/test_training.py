@@ -36,6 +36,7 @@ def test_training_lowers_the_loss_on_real_images(tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     val = [r for r in records if r["stage"] == "val"]
     assert val and 0.0 <= val[-1]["metrics"]["dice"] <= 1.0 and "aji" in val[-1]["metrics"]
+    assert val[-1]["method"] in ("distance", "edt")
     # The model folder is self-describing and loads for inference.
     folder = read_model_folder(out)
     assert folder.model.backbone == "tiny" and folder.train.seed == 0

@@ -72,7 +72,7 @@ def _format_record(record: dict) -> str | None:
         m = record["metrics"]
         return (f"validation epoch {record['epoch']}: " +
                 " ".join(f"{k} {m[k]:.4f}" for k in ("dice", "aji", "pq") if k in m) +
-                f" ({record['n_images']} images)")
+                f" ({record['n_images']} images, {record.get('method', 'distance')} watershed)")
     if stage == "setup":
         return record["message"]
     if stage == "thresholds":
