@@ -20,23 +20,21 @@ import torch
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
+from .adapters import MLPAdapter
 
-class ResidualAdapter(nn.Module):
-    """``x + up(GELU(down(x)))`` on the last dim, ``up`` zero-initialised (identity at start).
+
+class ResidualAdapter(MLPAdapter):
+    """``x + up(GELU(down(x)))`` on the last dim: the encoder's zero-initialised MLP adapter
+    with its own residual (identity at start), sized by a hidden width.
 
     Forward: (..., dim) -> (..., dim).
     """
 
     def __init__(self, dim: int = 256, hidden: int = 32):
-        super().__init__()
-        self.down = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.up = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        super().__init__(dim, ratio=hidden / dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.act(self.down(x)))
+        return x + super().forward(x)
 
 
 class DecoderAdapter(nn.Module):
