@@ -181,3 +181,25 @@ def test_threshold_tuning_never_scores_below_the_defaults():
     default_aji = evaluate_pair(gt, fake.postprocess(fake.predict_maps(None)))["aji"]
     assert scores["aji"] >= default_aji
     assert scores["aji"] == pytest.approx(evaluate_pair(gt, fake.postprocess(fake.predict_maps(None), best))["aji"])
+
+
+def test_fine_tune_from_a_model_with_a_different_number_of_domains(tmp_path):
+    # A model trained with an auxiliary domain (so with a discriminator) is fine-tuned on
+    # primary data alone, and the fine-tuned one again with the auxiliary folder.
+    aux = str(aux_folder(tmp_path))
+    first, _ = run_training(_cfg(tmp_path, aux=[aux], steps_per_epoch=2, val_fraction=0.0),
+                            tiny_model_config())
+    start = load_model(first)[0].trainable_state_dict()
+    second, records = run_training(
+        _cfg(tmp_path, out=str(tmp_path / "ft1"), init_from=str(first), steps_per_epoch=2,
+             val_fraction=0.0, lr=1e-9), tiny_model_config())
+    assert read_model_folder(second).model.num_domains == 1
+    after = load_model(second)[0].trainable_state_dict()
+    assert not any(k.startswith("discriminator.") for k in after)
+    # Started from the first model's weights (a tiny learning rate barely moves them).
+    for key in after:
+        torch.testing.assert_close(after[key], start[key], atol=1e-5, rtol=0)
+    third, _ = run_training(
+        _cfg(tmp_path, aux=[aux], out=str(tmp_path / "ft2"), init_from=str(second),
+             steps_per_epoch=1, val_fraction=0.0), tiny_model_config())
+    assert any(k.startswith("discriminator.") for k in load_model(third)[0].trainable_state_dict())

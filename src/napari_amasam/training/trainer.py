@@ -144,6 +144,22 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str,
             "n_skipped": summary.get("n_skipped", 0), "images": per_image}
 
 
+def _load_init_weights(model, path: Path) -> None:
+    """Start fine-tuning from a model folder's weights.
+
+    The domain discriminator exists only with auxiliary folders; fine-tuning with a
+    different number of them keeps every other weight and starts or drops the discriminator
+    (it is a training-only part with one P(primary) output, so nothing else changes shape).
+    """
+    state = torch_load(path, "model weights")
+    current = model.trainable_state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("discriminator.") or k in current}
+    for key, value in current.items():
+        if key.startswith("discriminator.") and key not in state:
+            state[key] = value
+    model.load_trainable_state_dict(state, str(path))
+
+
 def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, out):
     """Thresholds for the best weights, chosen on (at most 4) validation images."""
     from ..inference.predictor import Predictor
@@ -217,10 +233,8 @@ def train(
 
     num_domains = 1 + len(cfg.aux)
     if init_folder is not None and init_folder.model.num_domains != num_domains:
-        # The discriminator's input is domain-agnostic (one P(primary) logit), so a different
-        # number of auxiliary folders only changes the domain labels, not any weight shape.
-        log.info("fine-tuning with %d domains (model was trained with %d)",
-                 num_domains, init_folder.model.num_domains)
+        log.info("fine-tuning with %d domains (model was trained with %d): the domain "
+                 "discriminator is added or dropped", num_domains, init_folder.model.num_domains)
     model_cfg = dataclasses.replace(model_cfg, num_domains=num_domains)
     thresholds = thresholds or PostprocessConfig()
     primary_pairs = find_pairs(cfg.primary)
@@ -251,7 +265,7 @@ def train(
     else:
         model = build_amasam(model_cfg, checkpoint=cfg.checkpoint if model_cfg.backbone != "tiny" else None)
     if init_folder is not None:
-        model.load_trainable_state_dict(torch_load(init_folder.path / "weights.pt", "model weights"))
+        _load_init_weights(model, init_folder.path / "weights.pt")
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
