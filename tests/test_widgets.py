@@ -157,6 +157,7 @@ def test_train_widget_runs_and_cancel_saves_a_loadable_model(
     train.steps_per_epoch.setValue(5)
     train.batch_size.setValue(2)
     train.device.setCurrentText("cpu")
+    train.mpp.setValue(0.25)
     train.output.setText(str(out))
 
     records = []
@@ -180,6 +181,7 @@ def test_train_widget_runs_and_cancel_saves_a_loadable_model(
     # The saved model loads and is offered in the Segment widget.
     predictor = Predictor.from_folder(out, device="cpu")
     assert predictor.model_config.image_size == 128
+    assert predictor.mpp == 0.25  # the pixel size entered in the form travels with the model
     assert segment.model.findText(str(out)) >= 0
     assert segment.model_name() == str(out)
     assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()

@@ -65,6 +65,7 @@ def main() -> int:
     train.steps_per_epoch.setValue(30)
     train.batch_size.setValue(4)
     train.lr.setValue(1e-3)
+    train.mpp.setValue(0.25)  # MoNuSeg and TNBC are 40x
     train.device.setCurrentText("cpu")
     train.output.setText(str(work / "tiny_model"))
     train.start()

@@ -120,6 +120,14 @@ class TrainWidget(QWidget):
         self.image_size.setRange(64, 4096)
         self.image_size.setSingleStep(64)
         self.image_size.setValue(1024)
+        # Pixel size of the primary data: stored in the model so that inference rescales
+        # images taken at another magnification (0 = unknown, no rescaling).
+        self.mpp = QDoubleSpinBox()
+        self.mpp.setDecimals(3)
+        self.mpp.setRange(0.0, 10.0)
+        self.mpp.setSingleStep(0.05)
+        self.mpp.setSpecialValueText("unknown")
+        self.mpp.setToolTip("Microns per pixel of the primary images (40x is about 0.25, 20x about 0.5)")
         self.device = device_combo()
         self.output = PathPicker("folder", "Output model folder")
         form.addRow("Base model", self.backbone)
@@ -130,6 +138,7 @@ class TrainWidget(QWidget):
         form.addRow("Learning rate", self.lr)
         form.addRow("Batch size", self.batch_size)
         form.addRow("Input size", self.image_size)
+        form.addRow("Microns per pixel", self.mpp)
         form.addRow("Device", self.device)
         form.addRow("Output folder", self.output)
         layout.addWidget(model)
@@ -211,6 +220,7 @@ class TrainWidget(QWidget):
             checkpoint=checkpoint, epochs=self.epochs.value(),
             steps_per_epoch=self.steps_per_epoch.value(), batch_size=self.batch_size.value(),
             lr=self.lr.value(), device=self.device.currentText(),
+            mpp=self.mpp.value() or None,
         )
         return train_cfg, model_cfg
 
