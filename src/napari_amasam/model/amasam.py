@@ -29,6 +29,7 @@ from .backbone import (
     PIXEL_MEAN,
     PIXEL_STD,
     build_sam_from_config,
+    key_mismatch,
     load_sam_weights,
     sam_official_state_dict,
     variant_spec,
@@ -211,18 +212,9 @@ class AmaSam(nn.Module):
         CheckpointError
             One line naming ``source`` and the first missing, unexpected or misfitting key.
         """
-        expected = set(self._trainable_names)
-        missing = sorted(expected - set(state_dict))
-        unexpected = sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-            raise CheckpointError(
-                f"{source}: do not match this model's configuration ({'; '.join(parts)})"
-            )
+        mismatch = key_mismatch(sorted(self._trainable_names), sorted(state_dict))
+        if mismatch:
+            raise CheckpointError(f"{source}: do not match this model's configuration ({mismatch})")
         params = dict(self.named_parameters())
         for name in self._trainable_names:
             if tuple(state_dict[name].shape) != tuple(params[name].shape):

@@ -291,6 +291,19 @@ def sam_official_state_dict(sam: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sam.state_dict().items() if not is_added_key(k)}
 
 
+def key_mismatch(expected, found, missing_what: str = "missing") -> str:
+    """``""`` when ``found`` has exactly the keys of ``expected``; otherwise one clause such
+    as ``"3 missing, e.g. a.b; 1 unexpected, e.g. c.d"`` (first key of each kind, in order)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} {missing_what}, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
 def load_sam_weights(
     sam: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
@@ -306,15 +319,9 @@ def load_sam_weights(
         One line naming ``source`` and the first missing, unexpected or misfitting key.
     """
     expected = sam_official_state_dict(sam)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} SAM weight(s) missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise CheckpointError(f"{source}: does not fit this SAM model: {'; '.join(parts)}")
+    mismatch = key_mismatch(expected, state_dict, missing_what="SAM weight(s) missing")
+    if mismatch:
+        raise CheckpointError(f"{source}: does not fit this SAM model: {mismatch}")
     resized = {}
     for key, target in expected.items():
         weight = _resize_to_model(key, state_dict[key], target.shape)
