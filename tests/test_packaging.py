@@ -49,7 +49,7 @@ def test_sample_data_is_real_and_labelled(stem):
 def test_engine_imports_no_qt():
     code = (
         "import sys; import napari_amasam.config, napari_amasam.device, "
-        "napari_amasam.training.model_folder, napari_amasam._sample_data; "
+        "napari_amasam.model_folder, napari_amasam._sample_data; "
         "bad=[m for m in sys.modules if m.split('.')[0] in ('PyQt5','PySide6','PyQt6','qtpy')]; "
         "assert not bad, bad"
     )

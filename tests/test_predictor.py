@@ -275,7 +275,7 @@ def test_default_tile_and_overlap():
 def test_from_folder_uses_load_model(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    import napari_amasam.training.model_folder as model_folder
+    import napari_amasam.model_folder as model_folder
 
     thresholds = PostprocessConfig(foreground_threshold=0.7)
     seen = {}
@@ -322,7 +322,7 @@ def test_classical_predictor_segments_monuseg():
 def tiny_model_folder(tmp_path_factory):
     """A model folder holding a random-weight ``tiny`` AMA-SAM (64-pixel input)."""
     from napari_amasam.model import build_amasam
-    from napari_amasam.training.model_folder import (
+    from napari_amasam.model_folder import (
         atomic_torch_save,
         write_config,
         write_thresholds,

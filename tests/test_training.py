@@ -15,7 +15,7 @@ import torch
 
 from napari_amasam.config import TrainConfig
 from napari_amasam.errors import DataError
-from napari_amasam.training.model_folder import load_model, read_history, read_model_folder
+from napari_amasam.model_folder import load_model, read_history, read_model_folder
 from napari_amasam.training.trainer import run_training, train
 
 from .helpers import aux_folder, primary_folder, tiny_model_config

@@ -90,7 +90,7 @@ def _format_record(record: dict) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .training.model_folder import read_model_folder
+    from .model_folder import read_model_folder
     from .training.trainer import resume_config, train
 
     if args.resume:
@@ -157,27 +157,8 @@ def add_segment_parser(sub) -> None:
     p.set_defaults(func=cmd_segment)
 
 
-def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand files and folders into image paths; return (images, problems)."""
-    from .data.io import IMAGE_EXTENSIONS
-
-    images, problems = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                problems.append(f"{path}: no images (.tif, .png, .jpg) in this folder")
-            images.extend(found)
-        elif path.is_file():
-            images.append(path)
-        else:
-            problems.append(f"{path}: no such file or folder")
-    return images, problems
-
-
 def cmd_segment(args) -> int:
-    from .data.io import read_image
+    from .data.io import collect_images, read_image
     from .export import write_csv, write_geojson, write_labels_tiff
     from .inference.predictor import Predictor
 

@@ -227,7 +227,7 @@ class SegmentWidget(QWidget):
         classical = name == CLASSICAL
         thresholds = PostprocessConfig()
         if not classical:
-            from ..training.model_folder import read_model_folder
+            from ..model_folder import read_model_folder
 
             try:
                 folder = read_model_folder(name)
@@ -432,7 +432,7 @@ class SegmentWidget(QWidget):
         if not input_dir or not output_dir:
             self._show_error(ValueError("choose an input and an output folder for the batch"))
             return None
-        from ..cli import collect_images
+        from ..data.io import collect_images
 
         images, problems = collect_images([input_dir])
         if problems:
@@ -488,7 +488,7 @@ class SegmentWidget(QWidget):
         if self.data_folder.text():
             return self.data_folder.text()
         if self.model_name() != CLASSICAL:
-            from ..training.model_folder import read_model_folder
+            from ..model_folder import read_model_folder
 
             try:
                 train = read_model_folder(self.model_name()).train
@@ -528,7 +528,7 @@ class SegmentWidget(QWidget):
         next to it (``<model>_finetuned``) and is offered in the model list when done.
         """
         from ..config import ModelConfig, TrainConfig
-        from ..training.model_folder import read_model_folder
+        from ..model_folder import read_model_folder
         from ..training.trainer import train
 
         if self._busy():

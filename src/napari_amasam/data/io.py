@@ -261,3 +261,20 @@ def read_labels(path: str | Path) -> np.ndarray:
             stacklevel=2,
         )
     return labels_from_array(_read_array(path), source=str(path))
+
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Expand files and folders into image paths; return (images, problems)."""
+    images, problems = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{path}: no images (.tif, .png, .jpg) in this folder")
+            images.extend(found)
+        elif path.is_file():
+            images.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return images, problems

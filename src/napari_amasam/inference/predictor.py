@@ -179,7 +179,7 @@ class Predictor:
         checkpoint: str | Path | None = None,
         device: str | torch.device = "auto",
     ) -> Predictor:
-        """Load a trained model folder (see ``training.model_folder``).
+        """Load a trained model folder (see ``napari_amasam.model_folder``).
 
         Parameters
         ----------
@@ -195,7 +195,7 @@ class Predictor:
             If the folder or its weights cannot be loaded.
         """
         # Imported here: loading builds the model, which pulls in segment_anything.
-        from ..training.model_folder import load_model
+        from ..model_folder import load_model
 
         resolved = device if isinstance(device, torch.device) else resolve_device(device)
         model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)

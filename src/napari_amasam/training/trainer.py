@@ -31,7 +31,7 @@ from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
 from . import distributed as dist_utils
 from .losses import LossWeights, amasam_loss
-from .model_folder import (
+from ..model_folder import (
     append_history,
     atomic_torch_save,
     read_model_folder,

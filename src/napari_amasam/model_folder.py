@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
-from ..errors import CheckpointError
+from . import __version__
+from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .errors import CheckpointError
 
 FORMAT_NAME = "napari-amasam-model"
 FORMAT_VERSION = 1
@@ -258,8 +258,8 @@ def load_model(
     (AmaSam, ModelFolder)
         The model in eval mode on ``device`` and the folder's description.
     """
-    from ..device import resolve_device
-    from ..model import build_amasam
+    from .device import resolve_device
+    from .model import build_amasam
 
     folder = read_model_folder(path)
     weights_path = folder.path / weights
