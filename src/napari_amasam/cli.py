@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .config import MODEL_KINDS, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from .errors import AmaSamError
 
 EXIT_ERROR = 2
@@ -31,6 +31,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--aux", nargs="*", default=[], metavar="DIR", help="auxiliary folders (other domains)")
     p.add_argument("--out", help="model folder to write")
     p.add_argument("--backbone", default="vit_b", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    p.add_argument("--kind", default="amasam", choices=list(MODEL_KINDS),
+                   help="amasam: encoder adapters + CGRL + HR-Decoder; sam-da: frozen SAM, only a "
+                        "decoder adapter + prompt tokens train (<1%% of vit_b); ca-sam: frozen SAM + "
+                        "an alignment layer per task (continual learning with --continue-from)")
+    p.add_argument("--continue-from", metavar="MODEL_DIR",
+                   help="ca-sam: add --primary as a new task to MODEL_DIR (no forgetting: earlier "
+                        "tasks stay as they are; images are routed to their task by per-task VAEs)")
     p.add_argument("--checkpoint", help="official SAM checkpoint .pth for vit_b/vit_l/vit_h")
     p.add_argument("--alignment", default="cgrl", choices=["cgrl", "grl", "none"])
     p.add_argument("--decoder-adapter", action="store_true",
@@ -83,6 +90,8 @@ def _format_record(record: dict) -> str | None:
                f"EDT watershed, foreground {t['foreground_threshold']}, peak distance {t['edt_min_distance']}")
         return f"post-processing chosen on validation: {how} (AJI {m['aji']:.4f}, PQ {m['pq']:.4f})"
 
+    if stage == "task":
+        return record["message"]
     if stage == "done":
         state = "cancelled" if record["cancelled"] else "finished"
         return f"training {state} at step {record['step']}: model folder {record['model_dir']}"
@@ -93,7 +102,19 @@ def cmd_train(args) -> int:
     from .model_folder import read_model_folder
     from .training.trainer import resume_config, train
 
-    if args.resume:
+    if args.continue_from:
+        if not args.primary or not args.out:
+            return _fail("train --continue-from needs --primary DIR (the new task) and --out MODEL_DIR")
+        train_cfg = TrainConfig(
+            primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
+            epochs=args.epochs or 30, max_steps=args.max_steps or 0,
+            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
+            mpp=args.mpp, aux_mpp=args.aux_mpp, primary_share=args.primary_share,
+            val_fraction=args.val_fraction, augment=not args.no_augment, device=args.device,
+            seed=args.seed, num_threads=args.threads, continue_from=args.continue_from,
+        )
+        model_cfg = read_model_folder(args.continue_from).model  # the trainer adds the task
+    elif args.resume:
         # Recorded settings; --epochs / --max-steps given here extend the run.
         train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps)
         model_cfg = read_model_folder(args.resume).model
@@ -108,7 +129,7 @@ def cmd_train(args) -> int:
                                 alignment=args.alignment, lambda_max=args.lambda_max,
                                 decoder_adapter=args.decoder_adapter,
                                 alignment_layer_blocks=args.alignment_layer,
-                                trainable_backbone=args.trainable_backbone)
+                                trainable_backbone=args.trainable_backbone, kind=args.kind)
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
             epochs=args.epochs or 30, max_steps=args.max_steps or 0,
@@ -136,6 +157,44 @@ def cmd_train(args) -> int:
             if interactive:
                 print(file=sys.stderr)
             print(line, flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- adapt
+def add_adapt_parser(sub) -> None:
+    p = sub.add_parser(
+        "adapt", help="SAM-DA test-time adaptation: tune only the decoder adapter on unlabelled images",
+        description="Adapt a model's decoder adapter (kind sam-da, or --decoder-adapter) to a new "
+                    "domain from unlabelled images: entropy minimisation + flip/rotation "
+                    "consistency + a foreground-fraction prior (training/adapt.py). Every other "
+                    "weight is copied unchanged into the new model folder.")
+    p.add_argument("--model", required=True, help="model folder to adapt")
+    p.add_argument("--images", required=True, help="folder (or file) of unlabelled images of the new domain")
+    p.add_argument("--out", required=True, help="new model folder to write")
+    p.add_argument("--checkpoint", help="base SAM checkpoint (if not at the recorded path)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_adapt)
+
+
+def cmd_adapt(args) -> int:
+    from .training.adapt import AdaptConfig, adapt
+
+    cfg = AdaptConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=args.device)
+    for record in adapt(args.model, args.images, args.out, cfg, checkpoint=args.checkpoint):
+        if record["stage"] == "adapt":
+            if record["step"] == record["total_steps"] or record["step"] % 10 == 0:
+                print(f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} "
+                      f"entropy {record['entropy']:.4f} consistency {record['consistency']:.5f} "
+                      f"foreground {record['foreground']:.3f}", file=sys.stderr, flush=True)
+        elif record["stage"] == "setup":
+            print(record["message"], flush=True)
+        elif record["stage"] == "done":
+            print(f"adapted model folder {record['model_dir']} ({record['step']} steps)", flush=True)
     return 0
 
 
@@ -274,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-amasam {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_adapt_parser(sub)
     add_segment_parser(sub)
     add_evaluate_parser(sub)
     return parser

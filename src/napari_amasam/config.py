@@ -26,6 +26,10 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     return cls(**data)
 
 
+#: Model kinds (``ModelConfig.kind``): AMA-SAM and the two standalone variants.
+MODEL_KINDS = ("amasam", "sam-da", "ca-sam")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of an AMA-SAM model.
@@ -72,6 +76,14 @@ class ModelConfig:
     trainable_backbone : bool
         Train the SAM encoder weights too. Only sensible for ``tiny`` random-weight backbones
         (nothing pretrained to preserve); AMA-SAM keeps SAM frozen.
+    kind : str
+        Model kind: ``amasam`` (encoder adapters + CGRL + HR-Decoder),
+        ``sam-da`` (frozen SAM encoder and decoder; only a decoder adapter and prompt tokens
+        train, method.md 3.1) or ``ca-sam`` (frozen SAM; per-task alignment layers between
+        encoder and decoder plus the heads, VAE routing between tasks, method.md 3.2).
+    num_tasks : int
+        ``ca-sam``: number of tasks (one alignment layer and one VAE each); grows by one with
+        every ``train --continue-from``.
     fast_attention : bool
         Run SAM's attention and MLP blocks through the exact fused CPU/GPU path of
         ``model.fast_attention`` (same weights, same results to float tolerance, ~1.9x faster
@@ -101,9 +113,20 @@ class ModelConfig:
     train_decoder_transformer: bool = False
     trainable_backbone: bool = False
     fast_attention: bool = True
+    kind: str = "amasam"
+    num_tasks: int = 1
 
     def __post_init__(self) -> None:
         self.tiny_global_attn = tuple(self.tiny_global_attn)
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model kind must be {', '.join(MODEL_KINDS)}, not {self.kind!r}")
+        if self.num_tasks < 1:
+            raise ConfigError("num_tasks must be at least 1")
+        if self.kind != "amasam" and self.trainable_backbone:
+            raise ConfigError(f"trainable_backbone is for kind amasam only: {self.kind} keeps "
+                              "SAM frozen")
+        if self.kind == "ca-sam" and self.alignment_layer_blocks < 1:
+            self.alignment_layer_blocks = 2  # CA-SAM needs its alignment layer (method.md 3.2)
         if self.backbone not in ("tiny", "vit_b", "vit_l", "vit_h"):
             raise ConfigError(
                 f"backbone must be tiny, vit_b, vit_l or vit_h, not {self.backbone!r}"
@@ -225,6 +248,12 @@ class TrainConfig:
     init_from : str or None
         Start from the weights of this model folder (fine-tuning with new or corrected data):
         its architecture, base checkpoint and thresholds are taken over.
+    continue_from : str or None
+        CA-SAM continual learning: add ``primary`` as a new task to this ``ca-sam`` model
+        folder (new alignment layer + VAE; earlier tasks and the heads stay frozen).
+    router_quantile : float
+        CA-SAM: a task's routing threshold is this quantile of its VAE score on held-out
+        training tiles (``training.continual``).
     """
 
     primary: str = ""
@@ -253,8 +282,15 @@ class TrainConfig:
     val_every: int = 1
     tune_thresholds: bool = True
     init_from: str | None = None
+    continue_from: str | None = None
+    router_quantile: float = 0.99
 
     def __post_init__(self) -> None:
+        if self.init_from and self.continue_from:
+            raise ConfigError("give either init_from (continue training) or continue_from "
+                              "(add a new task), not both")
+        if not 0.5 <= self.router_quantile <= 1.0:
+            raise ConfigError("router quantile must be in [0.5, 1]")
         if self.batch_size < 1:
             raise ConfigError("batch size must be at least 1")
         if self.epochs < 1 and self.max_steps < 1:

@@ -61,12 +61,23 @@ class Maps:
     scale : float
         ``mpp_model / mpp_input`` (1.0 when either is unknown): multiplies the pixel lengths
         of the post-processing constants.
+    routed_tasks : list of int or None
+        CA-SAM models: the task each tile was routed to (-1 = base path); None otherwise.
     """
 
     foreground: np.ndarray
     center_distance: np.ndarray | None
     boundary_distance: np.ndarray | None
     scale: float = 1.0
+    routed_tasks: list[int] | None = None
+
+    @property
+    def routed_task(self) -> int | None:
+        """The task most tiles were routed to (ties: the lower index); None if not routed."""
+        if not self.routed_tasks:
+            return None
+        values, counts = np.unique(self.routed_tasks, return_counts=True)
+        return int(values[np.argmax(counts)])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -258,12 +269,17 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, S, S, 3) uint8`` tiles -> ``(B, C, S, S) float32`` logits on the CPU."""
+    def _run_batch(self, batch: np.ndarray, routed: list[int] | None = None) -> np.ndarray:
+        """``(B, S, S, 3) uint8`` tiles -> ``(B, C, S, S) float32`` logits on the CPU.
+
+        ``routed`` (a list) receives the CA-SAM task of each tile when the model routes.
+        """
         images = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
         # Modes are entered and left within this call: the generator never yields inside them.
         with torch.inference_mode(), self._autocast():
             output = self.model(images)
+            if routed is not None and getattr(output, "task", None) is not None:
+                routed.extend(int(t) for t in output.task.tolist())
             channels = [output.fine_logits]
             if output.distance_logits is not None:
                 channels.append(output.distance_logits)
@@ -334,6 +350,7 @@ class Predictor:
         scaled_h, scaled_w = rgb.shape[:2]
 
         stitcher: TileStitcher | None = None
+        routed: list[int] = []
         tiles = tile_grid(scaled_h, scaled_w, tile, overlap)
         total = len(tiles)
         for start in range(0, total, batch_size):
@@ -343,7 +360,7 @@ class Predictor:
             for i, t in enumerate(batch_tiles):
                 rows, cols = t.image_slices
                 batch[i, : t.height, : t.width] = rgb[rows, cols]
-            logits = self._run_batch(batch)
+            logits = self._run_batch(batch, routed)
             if stitcher is None:
                 stitcher = TileStitcher(logits.shape[1], scaled_h, scaled_w, tile, overlap)
             for i, t in enumerate(batch_tiles):
@@ -363,6 +380,7 @@ class Predictor:
             center_distance=probabilities[1] if has_distances else None,
             boundary_distance=probabilities[2] if has_distances else None,
             scale=float(scale),
+            routed_tasks=routed or None,
         )
 
     def predict_maps(self, image: np.ndarray, **kwargs: Any) -> Maps:

@@ -57,12 +57,16 @@ class AmaSamOutput:
     domain_logits : Tensor or None
         (B, 1) logit of P(primary); only with ``domain`` given, alignment != none and
         num_domains > 1.
+    task : Tensor or None
+        (B,) long: the CA-SAM task each image was routed to (-1 = base path); None for the
+        other kinds.
     """
 
     fine_logits: torch.Tensor
     coarse_logits: torch.Tensor
     distance_logits: torch.Tensor | None = None
     domain_logits: torch.Tensor | None = None
+    task: torch.Tensor | None = None
 
 
 class AmaSam(nn.Module):
@@ -91,13 +95,17 @@ class AmaSam(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), False)
 
         spec = variant_spec(cfg)
-        insert_adapters(encoder, cfg.adapter_ratio, cfg.adapter_scale)  # trainable
+        if cfg.kind == "amasam":  # the variants keep the encoder frozen as it is
+            insert_adapters(encoder, cfg.adapter_ratio, cfg.adapter_scale)  # trainable
         if cfg.trainable_backbone:
             encoder.requires_grad_(True)
         self.early_index = first_global_block(encoder)
 
+        # ca-sam keeps one alignment layer per task instead (model.ca_sam.CaSam)
         self.alignment_layer = (
-            AlignmentLayer(cfg.alignment_layer_blocks) if cfg.alignment_layer_blocks > 0 else None
+            AlignmentLayer(cfg.alignment_layer_blocks)
+            if cfg.alignment_layer_blocks > 0 and cfg.kind == "amasam"
+            else None
         )
         self.discriminator = (
             DomainDiscriminator(encoder.neck[0].out_channels)
@@ -176,8 +184,7 @@ class AmaSam(nn.Module):
             )
         x = self.preprocess(images)
         embedding, early = encode_with_early_features(self.sam.image_encoder, x, self.early_index)
-        if self.alignment_layer is not None:
-            embedding = self.alignment_layer(embedding)
+        embedding, task = self.align_embedding(embedding)
 
         domain_logits = None
         if domain is not None and self.discriminator is not None:
@@ -193,7 +200,13 @@ class AmaSam(nn.Module):
             coarse,
             x if self.cfg.fuse_image else None,
         )
-        return AmaSamOutput(fine, coarse, distance, domain_logits)
+        return AmaSamOutput(fine, coarse, distance, domain_logits, task)
+
+    def align_embedding(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """E (B, 256, h, w) -> (aligned E, routed task or None); CA-SAM overrides it."""
+        if self.alignment_layer is not None:
+            embedding = self.alignment_layer(embedding)
+        return embedding, None
 
     # --------------------------------------------------------------------------- weights
 
@@ -267,4 +280,9 @@ def build_amasam(cfg: ModelConfig, checkpoint: str | Path | None = None) -> AmaS
     CheckpointError
         The checkpoint is missing, unreadable, not SAM, or for another variant.
     """
-    return AmaSam(cfg, build_sam_from_config(cfg, checkpoint))
+    sam = build_sam_from_config(cfg, checkpoint)
+    if cfg.kind != "amasam":
+        from .kinds import build_variant_model
+
+        return build_variant_model(cfg, sam)
+    return AmaSam(cfg, sam)

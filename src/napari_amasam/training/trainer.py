@@ -29,6 +29,7 @@ from ..config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from ..data.dataset import primary_rows
 from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
+from . import continual
 from . import distributed as dist_utils
 from .losses import LossWeights, amasam_loss
 from ..model_folder import (
@@ -189,6 +190,7 @@ def train(
     from ..data import DomainDataset, MultiDomainSampler, check_folders, find_pairs, split_train_val
     from ..data.io import read_image, read_labels
     from ..model import build_amasam, lambda_schedule
+    from ..model.kinds import parameter_summary
 
     out = Path(cfg.out)
     if not cfg.out:
@@ -205,12 +207,13 @@ def train(
         cfg = dataclasses.replace(cfg, out=str(out))
 
     init_folder = None
-    if cfg.init_from and not resume:
+    if (cfg.init_from or cfg.continue_from) and not resume:
         # Fine-tuning: same architecture, base SAM and thresholds as the starting model.
-        init_folder = read_model_folder(cfg.init_from)
+        init_folder = read_model_folder(cfg.init_from or cfg.continue_from)
         if not init_folder.has_weights:
-            raise CheckpointError(f"{cfg.init_from}: model folder has no weights.pt to start from")
-        model_cfg = init_folder.model
+            raise CheckpointError(f"{init_folder.path}: model folder has no weights.pt to start from")
+        # CA-SAM continual learning (training.continual): one task more
+        model_cfg = continual.next_task_config(init_folder) if cfg.continue_from else init_folder.model
         thresholds = thresholds or init_folder.thresholds
         if model_cfg.backbone != "tiny" and not cfg.checkpoint:
             cfg.checkpoint = init_folder.base_checkpoint.get("path")
@@ -263,10 +266,15 @@ def train(
         source = init_folder.path if init_folder is not None else out
         model = build_amasam(model_cfg, checkpoint=str(source / "base_sam.pt"))
     else:
-        model = build_amasam(model_cfg, checkpoint=cfg.checkpoint if model_cfg.backbone != "tiny" else None)
-    if init_folder is not None:
+        # a tiny backbone takes a checkpoint too when given (benchmarks: a pretrained tiny SAM)
+        model = build_amasam(model_cfg, checkpoint=cfg.checkpoint)
+    if init_folder is not None and cfg.continue_from:
+        continual.load_previous_tasks(model, init_folder.path / "weights.pt")
+    elif init_folder is not None:
         _load_init_weights(model, init_folder.path / "weights.pt")
+    continual.prepare_model_for_training(model)
     model.to(device)
+    yield {"stage": "setup", "message": parameter_summary(model)}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
                  if cfg.weight_decay > 0 else torch.optim.Adam(params, lr=cfg.lr))
@@ -295,6 +303,8 @@ def train(
                      cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
                                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
         write_thresholds(out, thresholds)
+        if cfg.continue_from:
+            continual.write_tasks(out, continual.read_tasks(init_folder.path))
 
     train_model = dist_utils.wrap_model(model, device) if world > 1 else model
     weights = LossWeights(coarse=cfg.coarse_weight, distance=cfg.distance_weight, domain=cfg.domain_weight)
@@ -393,6 +403,8 @@ def train(
         tuned, scores = _tune_thresholds(model, model_cfg, thresholds, val_items, device, cfg.mpp, out)
         write_thresholds(out, tuned)
         yield {"stage": "thresholds", "thresholds": tuned.to_dict(), "metrics": scores}
+    if is_main and not cancelled:
+        yield from continual.finish_task(model, cfg, train_pairs, out, device)
     if is_main:
         yield {"stage": "done", "cancelled": cancelled, "step": step, "total_steps": total_steps,
                "model_dir": str(out), "best_dice": best_dice}

@@ -1,0 +1,107 @@
+"""CA-SAM task routing: one small VAE per task on pooled encoder features (method.md 3.2).
+
+An image (tile) is described by the channel mean and standard deviation of its frozen SAM
+embedding E (B, 256, h, w) -> (B, 512). Task t's VAE V_t is fitted on its training tiles
+(``training.continual.fit_task_vae``), on features standardised with that task's own mean and
+std. Its score is the negative evidence lower bound evaluated at the posterior mean::
+
+    s_t(f) = mean_d (dec(mu) - z)^2 + KL(N(mu, sigma^2) || N(0, 1)) / d,   z = (f - m_t) / s_t
+
+The threshold tau_t is a high quantile of s_t on held-out training tiles, so
+``s_t / tau_t <= 1`` means "looks like task t's data". Routing picks the task with the
+smallest ratio; when every ratio exceeds 1 the image takes the base path (-1: frozen SAM
+features into the decoder, no alignment layer). Tasks whose VAE was never calibrated are not
+candidates; a model with no calibrated task routes everything to task 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BASE_PATH = -1
+
+
+def pooled_features(embedding: torch.Tensor) -> torch.Tensor:
+    """E (B, C, h, w) -> (B, 2C): per-channel mean and standard deviation, float32."""
+    flat = embedding.float().flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2, unbiased=False)], dim=1)
+
+
+class TaskVAE(nn.Module):
+    """Gaussian VAE on standardised pooled features.
+
+    Parameters
+    ----------
+    in_dim : int
+        Feature size (2 x 256).
+    hidden, latent : int
+        MLP width and latent size (method.md: 32-d latent).
+
+    Buffers ``feature_mean``, ``feature_std`` (in_dim,) and ``threshold`` (scalar, +inf until
+    calibrated) belong to the task and are saved with the model's trainable weights.
+    """
+
+    def __init__(self, in_dim: int = 512, hidden: int = 128, latent: int = 32):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.GELU(), nn.Linear(hidden, in_dim))
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+        self.register_buffer("threshold", torch.tensor(math.inf))
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(torch.isfinite(self.threshold))
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
+    def _terms(self, features: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.standardise(features)
+        mu, logvar = self.encoder(z).chunk(2, dim=1)
+        logvar = logvar.clamp(-10.0, 10.0)
+        latent = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        recon = ((self.decoder(latent) - z) ** 2).mean(dim=1)
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1) / z.shape[1]
+        return recon, kl
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        """Training objective (reparameterised negative ELBO per dim), a scalar."""
+        recon, kl = self._terms(features, sample=True)
+        return (recon + kl).mean()
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) -> (N,) deterministic negative ELBO per dim (lower = more familiar)."""
+        recon, kl = self._terms(features, sample=False)
+        return recon + kl
+
+
+class TaskRouter(nn.Module):
+    """One :class:`TaskVAE` per task; :meth:`route` picks a task per image."""
+
+    def __init__(self, num_tasks: int, in_dim: int = 512):
+        super().__init__()
+        self.vaes = nn.ModuleList(TaskVAE(in_dim) for _ in range(num_tasks))
+
+    def ratios(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) -> (N, T): score / threshold (+inf for uncalibrated tasks)."""
+        columns = []
+        for vae in self.vaes:
+            if vae.calibrated:
+                columns.append(vae.score(features) / vae.threshold)
+            else:
+                columns.append(torch.full((features.shape[0],), math.inf, device=features.device))
+        return torch.stack(columns, dim=1)
+
+    @torch.no_grad()
+    def route(self, embedding: torch.Tensor) -> torch.Tensor:
+        """E (B, C, h, w) -> (B,) long task index, :data:`BASE_PATH` (-1) for none."""
+        features = pooled_features(embedding)
+        batch = features.shape[0]
+        if not any(vae.calibrated for vae in self.vaes):
+            return torch.zeros(batch, dtype=torch.long, device=embedding.device)
+        ratio, task = self.ratios(features).min(dim=1)
+        return torch.where(ratio <= 1.0, task, torch.full_like(task, BASE_PATH))

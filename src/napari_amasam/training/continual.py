@@ -1,0 +1,247 @@
+"""CA-SAM continual learning: add a task to a ``ca-sam`` model folder without forgetting.
+
+``train --continue-from M --primary NEW --out M2`` (``TrainConfig.continue_from``):
+
+1. ``next_task_config``: M's architecture with one more task.
+2. ``load_previous_tasks``: M's weights; the new alignment layer starts as a copy of A_0, the
+   new VAE is fresh (uncalibrated).
+3. ``prepare_model_for_training``: the newest task is active; for a later task everything
+   but its alignment layer is frozen (the heads and the earlier layers stay bit-identical).
+4. The ordinary trainer loop runs on NEW (validation and threshold tuning use the new task).
+5. ``finish_task``: the new task's VAE is fitted on pooled frozen-encoder features of NEW's
+   training tiles and its routing threshold is calibrated (``TrainConfig.router_quantile`` of
+   the scores of held-out training images' tiles); ``weights.pt``/``best.pt`` get the router
+   and ``tasks.json`` lists every task with its data and threshold.
+
+The first ``ca-sam`` training (task 0) goes through steps 3-5 too. Nothing here runs for the
+other kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model_folder import ModelFolder, atomic_torch_save, atomic_write_text, torch_load
+
+TASKS_FILE = "tasks.json"
+VAE_STEPS = 400
+VAE_LR = 1e-3
+Record = dict[str, Any]
+
+
+def is_continual_model(model) -> bool:
+    from ..model.ca_sam import CaSam
+
+    return isinstance(model, CaSam)
+
+
+def next_task_config(folder: ModelFolder) -> ModelConfig:
+    """M's architecture with one task more; M must be a ``ca-sam`` model with weights."""
+    if folder.model.kind != "ca-sam":
+        raise CheckpointError(
+            f"{folder.path}: adding a task (--continue-from) needs a ca-sam model, this one is "
+            f"kind {folder.model.kind} (train the first task with --kind ca-sam)"
+        )
+    if not folder.has_weights:
+        raise CheckpointError(f"{folder.path}: model folder has no weights.pt to continue from")
+    return dataclasses.replace(folder.model, num_tasks=folder.model.num_tasks + 1)
+
+
+def load_previous_tasks(model, path: Path) -> None:
+    """Load M's weights (T-1 tasks) into the T-task ``model``.
+
+    The new alignment layer is initialised from A_0 (it starts where the heads expect their
+    input); the new VAE keeps its fresh, uncalibrated weights. A discriminator is started or
+    dropped as in ordinary fine-tuning.
+    """
+    state = torch_load(path, "model weights")
+    current = model.trainable_state_dict()
+    new = model.num_tasks - 1
+    layer_prefix, vae_prefix = f"alignment_layers.{new}.", f"router.vaes.{new}."
+    for key, value in current.items():
+        if key in state:
+            continue
+        if key.startswith(layer_prefix):
+            source = "alignment_layers.0." + key[len(layer_prefix):]
+            state[key] = state[source].clone() if source in state else value
+        elif key.startswith(vae_prefix) or key.startswith("discriminator."):
+            state[key] = value
+    state = {k: v for k, v in state.items() if k in current}
+    model.load_trainable_state_dict(state, str(path))
+
+
+def prepare_model_for_training(model) -> None:
+    """Make the newest task the active one; freeze all but its layer for a later task."""
+    if not is_continual_model(model):
+        return
+    task = model.num_tasks - 1
+    model.active_task = task
+    if task > 0:
+        model.freeze_except_task(task)
+
+
+def read_tasks(model_dir: str | Path) -> list[dict[str, Any]]:
+    """The task list of a ca-sam model folder (``tasks.json``; [] when there is none)."""
+    path = Path(model_dir) / TASKS_FILE
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["tasks"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the task list ({exc})") from None
+
+
+def tile_features(model, images: list[np.ndarray], device: torch.device, batch_size: int = 4
+                  ) -> list[torch.Tensor]:
+    """Pooled frozen-encoder features of every inference tile of each image.
+
+    The tiles are the predictor's (same size, overlap and zero padding), so the VAE sees the
+    distribution it will score at inference. Returns one (n_tiles, 512) tensor per image.
+    """
+    from ..data.io import as_rgb_uint8
+    from ..inference.predictor import MIN_DEFAULT_OVERLAP
+    from ..inference.tiling import tile_grid
+
+    size = model.cfg.image_size
+    overlap = min(max(size // 8, MIN_DEFAULT_OVERLAP), size // 2)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for image in images:
+            rgb = as_rgb_uint8(image, "image")
+            tiles = tile_grid(rgb.shape[0], rgb.shape[1], size, overlap)
+            feats = []
+            for start in range(0, len(tiles), batch_size):
+                chunk = tiles[start:start + batch_size]
+                batch = np.zeros((len(chunk), size, size, 3), dtype=np.uint8)
+                for i, t in enumerate(chunk):
+                    rows, cols = t.image_slices
+                    batch[i, : t.height, : t.width] = rgb[rows, cols]
+                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
+                feats.append(model.task_features(x).cpu())
+            out.append(torch.cat(feats))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def fit_task_vae(vae, fit: torch.Tensor, held_out: torch.Tensor, quantile: float,
+                 seed: int = 0, steps: int = VAE_STEPS) -> dict[str, Any]:
+    """Fit ``vae`` on ``fit`` (N, D) features and set its threshold from ``held_out`` (M, D).
+
+    The threshold is the ``quantile`` of the held-out scores (at least the largest fit score's
+    median, so a tiny held-out set cannot make it tighter than the fitted data itself).
+    Returns the calibration figures that ``tasks.json`` reports.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mean = fit.mean(dim=0)
+    std = fit.std(dim=0, unbiased=False).clamp_min(1e-4)
+    with torch.no_grad():
+        vae.feature_mean.copy_(mean)
+        vae.feature_std.copy_(std)
+        vae.threshold.fill_(float("inf"))
+    params = [p for p in vae.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=VAE_LR)
+    vae.train()
+    batch = min(256, fit.shape[0])
+    with torch.enable_grad():
+        for _ in range(steps):
+            rows = torch.randint(0, fit.shape[0], (batch,), generator=generator)
+            loss = vae.loss(fit[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    vae.eval()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        fit_scores = vae.score(fit)
+        held_scores = vae.score(held_out) if held_out.shape[0] else fit_scores
+        threshold = max(float(torch.quantile(held_scores, quantile)), float(fit_scores.median()))
+        vae.threshold.fill_(threshold)
+    return {
+        "threshold": threshold,
+        "quantile": quantile,
+        "fit_tiles": int(fit.shape[0]),
+        "held_out_tiles": int(held_out.shape[0]),
+        "fit_score_median": float(fit_scores.median()),
+        "held_out_score_median": float(held_scores.median()),
+        "held_out_score_max": float(held_scores.max()),
+    }
+
+
+def _split_images(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Image indices for fitting and for calibration (20 %, at least one when n >= 2)."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    if n < 2:
+        return order, []
+    n_held = max(1, round(0.2 * n))
+    return order[n_held:], order[:n_held]
+
+
+def write_tasks(model_dir: str | Path, tasks: list[dict[str, Any]]) -> None:
+    """Write ``tasks.json`` (atomically)."""
+    doc = {"tasks": tasks, "base_path": "frozen SAM features straight into the heads, "
+                                        "for images no task's VAE explains"}
+    atomic_write_text(Path(model_dir) / TASKS_FILE, json.dumps(doc, indent=2))
+
+
+def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
+                ) -> Generator[Record, None, None]:
+    """After a ca-sam task's training: fit and calibrate its VAE, save, list the task.
+
+    The kept weights are ``out/weights.pt`` (best validation Dice, else last); the earlier
+    tasks are those already listed in ``out/tasks.json`` (copied from the folder continued
+    from when the run started).
+    """
+    if not is_continual_model(model):
+        return
+    from ..data.io import read_image
+
+    task = model.num_tasks - 1
+    yield {"stage": "setup", "message": f"fitting the routing VAE of task {task}"}
+    model.load_trainable_state_dict(torch_load(out / "weights.pt", "model weights"),
+                                    str(out / "weights.pt"))
+    images = [read_image(p.image) for p in train_pairs]
+    features = tile_features(model, images, device)
+    fit_idx, held_idx = _split_images(len(features), cfg.seed)
+    fit = torch.cat([features[i] for i in fit_idx])
+    held = torch.cat([features[i] for i in held_idx]) if held_idx else fit[:0]
+    if not held_idx and fit.shape[0] >= 4:  # one image: calibrate on a fifth of its tiles
+        order = torch.randperm(fit.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        n_held = max(1, fit.shape[0] // 5)
+        fit, held = fit[order[n_held:]], fit[order[:n_held]]
+    torch.manual_seed(cfg.seed)
+    calibration = fit_task_vae(model.router.vaes[task], fit, held, cfg.router_quantile, cfg.seed)
+    state = model.trainable_state_dict()
+    atomic_torch_save(state, out / "weights.pt")
+    atomic_torch_save(state, out / "best.pt")
+    entry = {
+        "task": task,
+        "name": Path(cfg.primary).name,
+        "primary": str(Path(cfg.primary).resolve()),
+        "training_images": len(train_pairs),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "router": calibration,
+    }
+    tasks = [t for t in read_tasks(out) if int(t.get("task", -2)) < task] + [entry]
+    write_tasks(out, tasks)
+    model.active_task = None
+    yield {"stage": "task", "task": task, "name": entry["name"], "router": calibration,
+           "message": (f"task {task} ({entry['name']}): routing threshold "
+                       f"{calibration['threshold']:.4f} = {calibration['quantile']:.2f} quantile of "
+                       f"{calibration['held_out_tiles']} held-out training tiles' VAE scores "
+                       f"(fit on {calibration['fit_tiles']} tiles)")}
