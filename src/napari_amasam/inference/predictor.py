@@ -177,6 +177,8 @@ class Predictor:
         self.mpp = _check_mpp(mpp, "model mpp")
         self.model = model
         self._classical_cfg: Any = None
+        # CA-SAM: post-processing settings per task; an image takes its routed task's
+        self.task_thresholds: dict[int, PostprocessConfig] = {}
         if model is not None:
             if model_config is None:
                 raise ConfigError("a model needs its ModelConfig (for the tile size)")
@@ -209,8 +211,12 @@ class Predictor:
         from ..model_folder import load_model
 
         resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        from ..task_list import task_thresholds
+
         model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)
-        return cls(model, folder.model, folder.thresholds, folder.mpp, resolved)
+        predictor = cls(model, folder.model, folder.thresholds, folder.mpp, resolved)
+        predictor.task_thresholds = task_thresholds(folder.path)
+        return predictor
 
     @classmethod
     def classical(cls, cfg: Any = None, mpp: float | None = CLASSICAL_MPP) -> Predictor:
@@ -395,7 +401,8 @@ class Predictor:
         maps : Maps
             From :meth:`predict_maps`.
         thresholds : PostprocessConfig, optional
-            Overrides this predictor's thresholds.
+            Overrides this predictor's thresholds (default: the routed task's for a CA-SAM
+            model, else the model's).
 
         Returns
         -------
@@ -414,11 +421,13 @@ class Predictor:
             if height * width > TILED_POSTPROCESS_PIXELS
             else instances_from_maps
         )
+        if thresholds is None:
+            thresholds = self.task_thresholds.get(maps.routed_task, self.thresholds)
         labels = run(
             maps.foreground,
             maps.center_distance,
             maps.boundary_distance,
-            thresholds if thresholds is not None else self.thresholds,
+            thresholds,
             scale=maps.scale,
         )
         return np.asarray(labels, dtype=np.int32)

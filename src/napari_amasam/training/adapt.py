@@ -112,8 +112,8 @@ def tta_objective(model, images: torch.Tensor, k: int, prior: float,
     consistency = ((probs - view) ** 2).mean()
     prior_term = (fg.mean() - prior) ** 2
     loss = entropy + cfg.consistency_weight * consistency + cfg.prior_weight * prior_term
-    return loss, {"entropy": float(entropy), "consistency": float(consistency),
-                  "foreground": float(fg.mean())}
+    return loss, {"entropy": float(entropy.detach()), "consistency": float(consistency.detach()),
+                  "foreground": float(fg.mean().detach())}
 
 
 def _crops(images: list[np.ndarray], size: int, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -197,9 +197,9 @@ def adapt(model_dir: str | Path, images_dir: str | Path, out: str | Path,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append({"step": step, "loss": float(loss), **parts})
+        history.append({"step": step, "loss": float(loss.detach()), **parts})
         eta = (time.perf_counter() - t0) / step * (cfg.steps - step)
-        yield {"stage": "adapt", "step": step, "total_steps": cfg.steps, "loss": float(loss),
+        yield {"stage": "adapt", "step": step, "total_steps": cfg.steps, "loss": history[-1]["loss"],
                "eta_s": eta, **parts}
     cancelled = step < cfg.steps or (cancel is not None and cancel.is_set())
 

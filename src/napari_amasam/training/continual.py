@@ -31,9 +31,11 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..model_folder import ModelFolder, atomic_torch_save, atomic_write_text, torch_load
+from ..model_folder import ModelFolder, atomic_torch_save, torch_load
+from ..task_list import read_tasks, write_tasks
 
-TASKS_FILE = "tasks.json"
+__all__ = ["finish_task", "fit_task_vae", "load_previous_tasks", "next_task_config",
+           "prepare_model_for_training", "read_tasks", "tile_features", "write_tasks"]
 VAE_STEPS = 400
 VAE_LR = 1e-3
 Record = dict[str, Any]
@@ -88,17 +90,6 @@ def prepare_model_for_training(model) -> None:
     model.active_task = task
     if task > 0:
         model.freeze_except_task(task)
-
-
-def read_tasks(model_dir: str | Path) -> list[dict[str, Any]]:
-    """The task list of a ca-sam model folder (``tasks.json``; [] when there is none)."""
-    path = Path(model_dir) / TASKS_FILE
-    if not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text())["tasks"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the task list ({exc})") from None
 
 
 def tile_features(model, images: list[np.ndarray], device: torch.device, batch_size: int = 4
@@ -192,13 +183,6 @@ def _split_images(n: int, seed: int) -> tuple[list[int], list[int]]:
     return order[n_held:], order[:n_held]
 
 
-def write_tasks(model_dir: str | Path, tasks: list[dict[str, Any]]) -> None:
-    """Write ``tasks.json`` (atomically)."""
-    doc = {"tasks": tasks, "base_path": "frozen SAM features straight into the heads, "
-                                        "for images no task's VAE explains"}
-    atomic_write_text(Path(model_dir) / TASKS_FILE, json.dumps(doc, indent=2))
-
-
 def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
                 ) -> Generator[Record, None, None]:
     """After a ca-sam task's training: fit and calibrate its VAE, save, list the task.
@@ -236,6 +220,7 @@ def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
         "training_images": len(train_pairs),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "router": calibration,
+        "thresholds": json.loads((out / "thresholds.json").read_text()),
     }
     tasks = [t for t in read_tasks(out) if int(t.get("task", -2)) < task] + [entry]
     write_tasks(out, tasks)
