@@ -184,7 +184,7 @@ class AmaSam(nn.Module):
             )
         x = self.preprocess(images)
         embedding, early = encode_with_early_features(self.sam.image_encoder, x, self.early_index)
-        embedding, task = self.align_embedding(embedding)
+        embedding, early, task = self.align_features(embedding, early)
 
         domain_logits = None
         if domain is not None and self.discriminator is not None:
@@ -202,11 +202,14 @@ class AmaSam(nn.Module):
         )
         return AmaSamOutput(fine, coarse, distance, domain_logits, task)
 
-    def align_embedding(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """E (B, 256, h, w) -> (aligned E, routed task or None); CA-SAM overrides it."""
+    def align_features(self, embedding: torch.Tensor, early: torch.Tensor):
+        """(E, F_early) -> (E for the decoder, F_early or None, routed task or None).
+
+        AMA-SAM: the optional alignment layer on E. CA-SAM (``model.ca_sam``) overrides it.
+        """
         if self.alignment_layer is not None:
             embedding = self.alignment_layer(embedding)
-        return embedding, None
+        return embedding, early, None
 
     # --------------------------------------------------------------------------- weights
 

@@ -3,7 +3,8 @@
 Frozen SAM encoder (no adapters) -> alignment layer A_t -> the decoder heads of
 :class:`AmaSam` (coarse head + HR-Decoder on SAM's frozen two-way transformer). A_t is the
 only path of the encoder features E into the decoder: the coarse head, the HR-Decoder's
-transformer and its full-resolution fusion all see A_t(E)::
+transformer and its full-resolution fusion all see A_t(E), and the HR-Decoder's early-feature
+path (F_early from inside the encoder) is removed::
 
     images -> frozen ViT -> E: B,256,h,h --route--> A_t(E)  (t = 0..T-1)  or  E (base path)
     -> coarse head, HR-Decoder (as AmaSam) -> fine B,1,S,S + distance B,2,S,S
@@ -49,6 +50,7 @@ class CaSam(AmaSam):
 
     def __init__(self, cfg: ModelConfig, sam: Sam):
         super().__init__(cfg, sam)
+        self.hr_decoder.early_up = None  # encoder features reach the decoder only through A_t
         channels = self.sam.image_encoder.neck[0].out_channels
         self.alignment_layers = nn.ModuleList(
             AlignmentLayer(cfg.alignment_layer_blocks, channels) for _ in range(cfg.num_tasks)
@@ -61,6 +63,15 @@ class CaSam(AmaSam):
     @property
     def num_tasks(self) -> int:
         return len(self.alignment_layers)
+
+    def align_features(self, embedding: torch.Tensor, early: torch.Tensor):
+        """(E, F_early) -> (A_task(E) per image, None, (B,) task index; -1 = base path).
+
+        F_early is dropped: the alignment layer is the only path of encoder features into
+        the decoder.
+        """
+        aligned, tasks = self.align_embedding(embedding)
+        return aligned, None, tasks
 
     def align_embedding(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """E (B, 256, h, w) -> (A_task(E) per image, (B,) task index; -1 = base path)."""

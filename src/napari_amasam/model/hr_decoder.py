@@ -183,8 +183,8 @@ class HRDecoder(nn.Module):
         ----------
         embedding : Tensor
             E, (B, 256, h, w).
-        early : Tensor
-            F_early, (B, C_enc, h, w).
+        early : Tensor or None
+            F_early, (B, C_enc, h, w); None (CA-SAM) skips the early-feature path.
         dense_prompt : Tensor
             (B, 256, h, w) from SAM's prompt encoder.
         image_pe : Tensor
@@ -216,11 +216,9 @@ class HRDecoder(nn.Module):
         slice_out = hs[:, n_sam:]  # B, 16*num_maps, 256
         src = src.transpose(1, 2).reshape(batch, dim, h, w)
 
-        features = (
-            self.upscaled_proj(sam.output_upscaling(src))
-            + self.embedding_up(embedding)
-            + self.early_up(early)
-        )  # B, 32, 4h, 4w
+        features = self.upscaled_proj(sam.output_upscaling(src)) + self.embedding_up(embedding)
+        if early is not None and self.early_up is not None:  # CA-SAM has no early path
+            features = features + self.early_up(early)  # B, 32, 4h, 4w
         hyper = self.hypernetwork(slice_out)  # B, 16*num_maps, 32
         slices = (hyper @ features.flatten(2)).reshape(batch, -1, 4 * h, 4 * w)
         maps = pixel_ensemble(slices)  # B, num_maps, 16h, 16w

@@ -166,7 +166,7 @@ def adapt(model_dir: str | Path, images_dir: str | Path, out: str | Path,
     images = [as_rgb_uint8(read_image(p), str(p)) for p in paths]
     if not images:
         detail = f" ({problems[0]})" if problems else ""
-        raise DataError(f"{images_dir}: no readable images to adapt to{detail}")
+        raise DataError(images_dir, f"no readable images to adapt to{detail}")
 
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

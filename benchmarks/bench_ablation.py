@@ -1,0 +1,137 @@
+"""Ablation: AMA-SAM parts, SAM-DA, CA-SAM and the classical baseline on held-out MoNuSeg.
+
+Every trained row uses the same frozen backbone (the pretrained tiny SAM of
+``variant_runs.pretrained_tiny_sam``; no row trains SAM's own weights), the same primary data
+(a seeded MoNuSeg split), the same optimiser step budget and batch, and at least two seeds.
+Auxiliary data (the "+aux" rows) is a TNBC training split. Held-out: MoNuSeg images never
+used in training. Each model is post-processed with the thresholds its own training tuned on
+its validation images. Printed: mean and spread (sample std over seeds) of Dice, AJI and PQ,
+as a Markdown table; results also go to ``OUT/ablation.json``.
+
+Rows:
+* AMA-SAM alignment none / grl / cgrl (primary + aux), AMA-SAM primary only;
+* "coarse upsampled": the cgrl models' coarse-head logits upsampled bilinearly to full
+  resolution (EDT watershed, as there are no distance maps) instead of the HR-Decoder output;
+* SAM-DA (primary only), CA-SAM (primary only, one task);
+* classical colour-deconvolution baseline (no training; one value).
+
+    nice -n 5 .venv/bin/python benchmarks/bench_ablation.py [--steps 150] [--seeds 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from variant_runs import (
+    MONUSEG,
+    TNBC,
+    evaluate,
+    load_heldout,
+    pretrained_tiny_sam,
+    save_json,
+    split_folder,
+    tiny_config,
+    train_row,
+)
+
+METRICS = ("dice", "aji", "pq")
+
+
+class CoarseUpsampled(nn.Module):
+    """A trained AMA-SAM whose output is its coarse head, upsampled (no HR-Decoder)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        from napari_amasam.model import AmaSamOutput
+
+        out = self.model(images)
+        fine = F.interpolate(out.coarse_logits, size=images.shape[-2:], mode="bilinear",
+                             align_corners=False)
+        return AmaSamOutput(fine, out.coarse_logits, None, None)
+
+
+def main() -> None:
+    from napari_amasam.inference.predictor import Predictor
+    from napari_amasam.model_folder import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150, help="optimiser steps per training run")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/output/ablation")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+
+    # the same seeded splits as bench_continual (seed 42)
+    mon_train, mon_held = split_folder(MONUSEG, out / "data" / "monuseg", 22, 6)
+    tnbc_train, _ = split_folder(TNBC, out / "data" / "tnbc", 36, 8)
+    sam = pretrained_tiny_sam(out.parent / "pretrained", args.pretrain_steps)
+    held = load_heldout(mon_held)
+
+    runs = {
+        "AMA-SAM cgrl (+aux)": (tiny_config(alignment="cgrl"), [tnbc_train]),
+        "AMA-SAM grl (+aux)": (tiny_config(alignment="grl"), [tnbc_train]),
+        "AMA-SAM none (+aux)": (tiny_config(alignment="none"), [tnbc_train]),
+        "AMA-SAM primary only": (tiny_config(alignment="none"), []),
+        "SAM-DA": (tiny_config("sam-da"), []),
+        "CA-SAM": (tiny_config("ca-sam"), []),
+    }
+    scores: dict[str, list[dict]] = {name: [] for name in runs}
+    scores["AMA-SAM cgrl, coarse upsampled (no HR-Decoder)"] = []
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for seed in args.seeds:
+        for name, (model_cfg, aux) in runs.items():
+            slug = name.split(" (")[0].lower().replace(" ", "_").replace("-", "")
+            folder = out / f"{slug}{'_aux' if aux else ''}_seed{seed}"
+            train_row(folder, mon_train, model_cfg, args.steps, seed, sam, aux=aux)
+            seconds[name].append(float((folder / "done").read_text()))
+            predictor = Predictor.from_folder(folder, device="cpu")
+            scores[name].append(evaluate(predictor, held)["mean"])
+            print(f"{name} seed {seed}: " + " ".join(f"{k} {scores[name][-1][k]:.4f}" for k in METRICS)
+                  + f" (trained in {seconds[name][-1]:.0f}s; {time.perf_counter() - t0:.0f}s total)",
+                  flush=True)
+            if name == "AMA-SAM cgrl (+aux)":
+                model, info = load_model(folder, device="cpu")
+                coarse = Predictor(CoarseUpsampled(model), info.model,
+                                   dataclasses.replace(info.thresholds, method="edt"), info.mpp, "cpu")
+                scores["AMA-SAM cgrl, coarse upsampled (no HR-Decoder)"].append(evaluate(coarse, held)["mean"])
+
+    classical = evaluate(Predictor.classical(), held)["mean"]
+    scores["classical baseline"] = [classical]
+
+    print(f"\nHeld-out MoNuSeg: {len(held)} images; {args.steps} steps x batch 4 per run; "
+          f"seeds {args.seeds}; frozen pretrained tiny SAM ({tiny_config().image_size} px)")
+    print("| row | Dice | AJI | PQ | runs |")
+    print("|---|---|---|---|---|")
+    table = {}
+    for name, rows in scores.items():
+        cells = []
+        table[name] = {}
+        for k in METRICS:
+            values = np.array([r[k] for r in rows], dtype=float)
+            mean = float(np.nanmean(values))
+            spread = float(np.nanstd(values, ddof=1)) if len(values) > 1 else float("nan")
+            table[name][k] = {"mean": mean, "std": spread, "values": values.tolist()}
+            cells.append(f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}")
+        print(f"| {name} | " + " | ".join(cells) + f" | {len(rows)} |")
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    save_json(out / "ablation.json", {"steps": args.steps, "seeds": args.seeds, "table": table,
+                                      "train_seconds": seconds})
+
+
+if __name__ == "__main__":
+    main()
