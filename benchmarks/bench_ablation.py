@@ -4,8 +4,8 @@ Every trained row uses the same frozen backbone (the pretrained tiny SAM of
 ``variant_runs.pretrained_tiny_sam``; no row trains SAM's own weights), the same primary data
 (a seeded MoNuSeg split), the same optimiser step budget and batch, and at least two seeds.
 Auxiliary data (the "+aux" rows) is a TNBC training split. Held-out: MoNuSeg images never
-used in training. Each model is post-processed with the thresholds its own training tuned on
-its validation images. Printed: mean and spread (sample std over seeds) of Dice, AJI and PQ,
+used in training (512 px centre crops). Every model is post-processed with the default
+thresholds (distance watershed; no per-run tuning, to keep the CPU budget). Printed: mean and spread (sample std over seeds) of Dice, AJI and PQ,
 as a Markdown table; results also go to ``OUT/ablation.json``.
 
 Rows:
@@ -97,7 +97,9 @@ def main() -> None:
         for name, (model_cfg, aux) in runs.items():
             slug = name.split(" (")[0].lower().replace(" ", "_").replace("-", "")
             folder = out / f"{slug}{'_aux' if aux else ''}_seed{seed}"
-            train_row(folder, mon_train, model_cfg, args.steps, seed, sam, aux=aux)
+            # one post-processing for every row (defaults, no per-run tuning: CPU budget)
+            train_row(folder, mon_train, model_cfg, args.steps, seed, sam, aux=aux,
+                      val_fraction=0.0, tune_thresholds=False)
             seconds[name].append(float((folder / "done").read_text()))
             predictor = Predictor.from_folder(folder, device="cpu")
             scores[name].append(evaluate(predictor, held)["mean"])

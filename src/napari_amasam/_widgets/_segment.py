@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import napari
 
 CLASSICAL = "classical"
+FINETUNE_CONTINUE = "continue training"
+FINETUNE_NEW_TASK = "add as a new task (no forgetting)"
 EXPORT_FILTER = "TIFF labels (*.tif);;QuPath GeoJSON (*.geojson);;Measurements CSV (*.csv)"
 
 
@@ -155,6 +157,12 @@ class SegmentWidget(QWidget):
         self.finetune_epochs.setValue(5)
         self.finetune_button = QPushButton("Fine-tune")
         self.finetune_button.clicked.connect(lambda: self.fine_tune())
+        # CA-SAM models can learn the data as a new task instead (training.continual)
+        self.finetune_mode = QComboBox()
+        self.finetune_mode.addItems([FINETUNE_CONTINUE, FINETUNE_NEW_TASK])
+        self.finetune_mode.setToolTip("continue training: the model's weights keep learning; "
+                                      "add as a new task (ca-sam models): a new alignment layer "
+                                      "learns the data, earlier tasks stay exactly as they are")
         row = QHBoxLayout()
         row.addWidget(QLabel("epochs"))
         row.addWidget(self.finetune_epochs)
@@ -162,6 +170,7 @@ class SegmentWidget(QWidget):
         form.addRow("Folder", self.data_folder)
         form.addRow("Pair name", self.pair_name)
         form.addRow(self.add_button)
+        form.addRow("Fine-tune", self.finetune_mode)
         form.addRow(row)
         layout.addWidget(data)
 
@@ -350,7 +359,11 @@ class SegmentWidget(QWidget):
             return
         layer = self.write_labels_layer(image_layer, image, result.labels)
         n = int(len(layer.features))
-        self.status.setText(f"{image_layer.name}: {n} nuclei")
+        text = f"{image_layer.name}: {n} nuclei"
+        task = result.maps.routed_task if result.maps is not None else None
+        if task is not None:  # CA-SAM: which task's alignment layer segmented it
+            text += " (base path: like no task)" if task < 0 else f" (routed to task {task})"
+        self.status.setText(text)
         self.finished.emit(layer)
 
     def write_labels_layer(self, image_layer, image: np.ndarray, labels: np.ndarray):
@@ -521,11 +534,14 @@ class SegmentWidget(QWidget):
         self.status.setText(f"added {image_path.name} + {label_path.name} to {folder}")
         return image_path, label_path
 
-    def fine_tune(self, epochs: int | None = None, out: str | None = None) -> Job | None:
+    def fine_tune(self, epochs: int | None = None, out: str | None = None,
+                  new_task: bool | None = None) -> Job | None:
         """Continue training the current model with the training folder's data.
 
         Settings come from the model folder's config.json; the result goes to a new folder
-        next to it (``<model>_finetuned``) and is offered in the model list when done.
+        next to it (``<model>_finetuned``, or ``<model>_task`` when the data is added as a new
+        CA-SAM task: ``new_task``, default the form's choice) and is offered in the model
+        list when done.
         """
         from ..config import ModelConfig, TrainConfig
         from ..model_folder import read_model_folder
@@ -546,11 +562,20 @@ class SegmentWidget(QWidget):
         if not primary:
             self._show_error(ValueError("choose the training data folder to fine-tune with"))
             return None
+        if new_task is None:
+            new_task = self.finetune_mode.currentText() == FINETUNE_NEW_TASK
+        if new_task and folder.model.kind != "ca-sam":
+            self._show_error(ValueError(f"adding a new task needs a ca-sam model; this one is "
+                                        f"{folder.model.kind} (choose 'continue training')"))
+            return None
+        suffix = "task" if new_task else "finetuned"
         target = Path(out) if out else unique_folder(Path(model_dir).with_name(
-            f"{Path(model_dir).name}_finetuned"))
+            f"{Path(model_dir).name}_{suffix}"))
         recorded = folder.train or TrainConfig()
         cfg = dataclasses.replace(
-            recorded, primary=primary, out=str(target), init_from=str(model_dir),
+            recorded, primary=primary, out=str(target),
+            init_from=None if new_task else str(model_dir),
+            continue_from=str(model_dir) if new_task else None,
             epochs=int(epochs or self.finetune_epochs.value()), max_steps=0,
             device=self.device.currentText())
         import threading

@@ -303,7 +303,7 @@ def train(
                      cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
                                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
         write_thresholds(out, thresholds)
-        if cfg.continue_from:
+        if init_folder is not None and continual.read_tasks(init_folder.path):
             continual.write_tasks(out, continual.read_tasks(init_folder.path))
 
     train_model = dist_utils.wrap_model(model, device) if world > 1 else model
