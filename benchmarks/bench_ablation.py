@@ -16,6 +16,9 @@ Rows:
 * classical colour-deconvolution baseline (no training; one value).
 
     nice -n 5 .venv/bin/python benchmarks/bench_ablation.py [--steps 150] [--seeds 0 1]
+
+Seeds can run in parallel processes (``--seeds 0`` and ``--seeds 1``); trained runs and their
+evaluations are cached in OUT, so a final ``--seeds 0 1`` only tabulates.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ class CoarseUpsampled(nn.Module):
         return AmaSamOutput(fine, out.coarse_logits, None, None)
 
 
+def cached_eval(path: Path, make_predictor, held) -> dict:
+    """Mean metrics of a trained run on the held-out images (cached next to the run, so
+    seeds run in separate processes can be tabulated together by a final run)."""
+    import json
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    mean = evaluate(make_predictor(), held)["mean"]
+    save_json(path, mean)
+    return mean
+
+
 def main() -> None:
     from napari_amasam.inference.predictor import Predictor
     from napari_amasam.model_folder import load_model
@@ -101,16 +116,19 @@ def main() -> None:
             train_row(folder, mon_train, model_cfg, args.steps, seed, sam, aux=aux,
                       val_fraction=0.0, tune_thresholds=False)
             seconds[name].append(float((folder / "done").read_text()))
-            predictor = Predictor.from_folder(folder, device="cpu")
-            scores[name].append(evaluate(predictor, held)["mean"])
+            scores[name].append(cached_eval(folder / "eval.json",
+                                            lambda: Predictor.from_folder(folder, device="cpu"), held))
             print(f"{name} seed {seed}: " + " ".join(f"{k} {scores[name][-1][k]:.4f}" for k in METRICS)
                   + f" (trained in {seconds[name][-1]:.0f}s; {time.perf_counter() - t0:.0f}s total)",
                   flush=True)
             if name == "AMA-SAM cgrl (+aux)":
-                model, info = load_model(folder, device="cpu")
-                coarse = Predictor(CoarseUpsampled(model), info.model,
-                                   dataclasses.replace(info.thresholds, method="edt"), info.mpp, "cpu")
-                scores["AMA-SAM cgrl, coarse upsampled (no HR-Decoder)"].append(evaluate(coarse, held)["mean"])
+                def coarse_predictor():
+                    model, info = load_model(folder, device="cpu")
+                    return Predictor(CoarseUpsampled(model), info.model,
+                                     dataclasses.replace(info.thresholds, method="edt"), info.mpp, "cpu")
+
+                scores["AMA-SAM cgrl, coarse upsampled (no HR-Decoder)"].append(
+                    cached_eval(folder / "eval_coarse.json", coarse_predictor, held))
 
     classical = evaluate(Predictor.classical(), held)["mean"]
     scores["classical baseline"] = [classical]
