@@ -104,7 +104,7 @@ def pretrained_tiny_sam(out: Path, steps: int, seed: int = 0) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 10 == 0:
             print(f"  pretraining tiny SAM: step {step + 1}/{steps} loss {float(loss):.4f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -163,10 +163,16 @@ class SegmentWidget(QWidget):
         self.finetune_mode.setToolTip("continue training: the model's weights keep learning; "
                                       "add as a new task (ca-sam models): a new alignment layer "
                                       "learns the data, earlier tasks stay exactly as they are")
+        # SAM-DA test-time adaptation to the current (unlabelled) image
+        self.adapt_button = QPushButton("Adapt to this image")
+        self.adapt_button.setToolTip("SAM-DA models: tune only the decoder adapter on the current "
+                                     "image, without labels (entropy + flip/rotation consistency)")
+        self.adapt_button.clicked.connect(lambda: self.adapt_to_image())
         row = QHBoxLayout()
         row.addWidget(QLabel("epochs"))
         row.addWidget(self.finetune_epochs)
         row.addWidget(self.finetune_button)
+        row.addWidget(self.adapt_button)
         form.addRow("Folder", self.data_folder)
         form.addRow("Pair name", self.pair_name)
         form.addRow(self.add_button)
@@ -260,6 +266,7 @@ class SegmentWidget(QWidget):
             # The classical baseline has its own fixed settings.
             box.setEnabled(not classical)
         self.finetune_button.setEnabled(not classical)
+        self.adapt_button.setEnabled(not classical)
 
     def thresholds(self):
         """The model's :class:`PostprocessConfig` with the form's four values."""
@@ -585,6 +592,27 @@ class SegmentWidget(QWidget):
         return self._start(generator, f"fine-tuning → {target}", self._finetune_done,
                            cancel_event=cancel)
 
+    def adapt_to_image(self, steps: int = 50, out: str | None = None) -> Job | None:
+        """Test-time adaptation (``training.adapt``) of the model to the current image layer;
+        the result goes to ``<model>_adapted`` and is offered in the model list when done."""
+        from ..training.adapt import AdaptConfig, adapt
+
+        if self._busy():
+            return None
+        model_dir, layer = self.model_name(), self.current_image_layer()
+        if model_dir == CLASSICAL or layer is None:
+            self._show_error(ValueError("choose a model folder and an image layer to adapt to"))
+            return None
+        target = Path(out) if out else unique_folder(Path(model_dir).with_name(
+            f"{Path(model_dir).name}_adapted"))
+        import threading
+
+        cancel = threading.Event()
+        generator = adapt(model_dir, [np.asarray(layer.data)], target,
+                          AdaptConfig(steps=steps, device=self.device.currentText()), cancel=cancel)
+        return self._start(generator, f"adapting → {target}", self._finetune_done,
+                           cancel_event=cancel)
+
     def _finetune_done(self, out) -> None:
         if out is not None and (Path(out) / "weights.pt").is_file():
             trained_models().add(str(out))
@@ -609,6 +637,8 @@ class SegmentWidget(QWidget):
             self._progress.update_to(record["done"], record["total"], "tiles")
         elif stage == "image":
             self._progress.update_to(record["done"], record["total"], record.get("name"))
+        elif stage == "adapt":
+            self._progress.update_to(record["step"], record["total_steps"], "adapting")
         elif stage == "train":
             self._progress.update_to(record["step"], record["total_steps"],
                                      f"epoch {record['epoch']}/{record['epochs']}")

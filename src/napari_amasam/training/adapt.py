@@ -129,10 +129,11 @@ def _crops(images: list[np.ndarray], size: int, n: int, rng: np.random.Generator
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float()
 
 
-def adapt(model_dir: str | Path, images_dir: str | Path, out: str | Path,
+def adapt(model_dir: str | Path, images_dir: str | Path | list[np.ndarray], out: str | Path,
           cfg: AdaptConfig | None = None, *, checkpoint: str | Path | None = None,
           cancel: threading.Event | None = None) -> Generator[Record, None, Path]:
-    """Adapt ``model_dir``'s decoder adapter to the images in ``images_dir``; write ``out``.
+    """Adapt ``model_dir``'s decoder adapter to the images in ``images_dir`` (a folder, a
+    file, or a list of image arrays); write ``out``.
 
     Yields ``{"stage": "adapt", "step", "total_steps", "loss", ...}`` per step and a final
     ``{"stage": "done", "model_dir": out}``; returns ``out``.
@@ -162,8 +163,12 @@ def adapt(model_dir: str | Path, images_dir: str | Path, out: str | Path,
             f"{model_dir}: no decoder adapter to adapt (kind {folder.model.kind}); train with "
             "--kind sam-da (or --decoder-adapter)"
         )
-    paths, problems = collect_images([str(images_dir)])
-    images = [as_rgb_uint8(read_image(p), str(p)) for p in paths]
+    if isinstance(images_dir, (list, tuple)):  # arrays, e.g. the widget's image layer
+        images = [as_rgb_uint8(image, "image") for image in images_dir]
+        problems, images_dir = [], "<images given as arrays>"
+    else:
+        paths, problems = collect_images([str(images_dir)])
+        images = [as_rgb_uint8(read_image(p), str(p)) for p in paths]
     if not images:
         detail = f" ({problems[0]})" if problems else ""
         raise DataError(images_dir, f"no readable images to adapt to{detail}")
@@ -210,7 +215,7 @@ def adapt(model_dir: str | Path, images_dir: str | Path, out: str | Path,
             (out / f".{name}.tmp").replace(out / name)
     state = model.trainable_state_dict()
     atomic_torch_save(state, out / "weights.pt")
-    doc = {"adapted_from": str(model_dir.resolve()), "images": str(Path(images_dir).resolve()),
+    doc = {"adapted_from": str(model_dir.resolve()), "images": str(images_dir),
            "n_images": len(images), "adapted_parameters": names, "settings": asdict(cfg),
            "unadapted_foreground": prior, "steps_done": len(history), "cancelled": cancelled,
            "objective": "entropy + consistency_weight * dihedral consistency "
