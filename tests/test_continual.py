@@ -10,9 +10,9 @@ import torch
 
 from napari_amasam import cli
 from napari_amasam.config import TrainConfig
+from napari_amasam.data.io import read_image
 from napari_amasam.errors import CheckpointError
 from napari_amasam.inference.predictor import Predictor
-from napari_amasam.data.io import read_image
 from napari_amasam.model_folder import read_model_folder
 from napari_amasam.task_list import read_tasks, task_thresholds
 from napari_amasam.training.trainer import run_training
