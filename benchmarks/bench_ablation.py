@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", nargs="*", default=None, metavar="ROW",
+                        help="train/evaluate only the rows whose slug is given (cgrl grl none "
+                             "primary sam-da ca-sam): split the work over processes")
     parser.add_argument("--out", default="benchmarks/output/ablation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,8 +108,14 @@ def main() -> None:
         "SAM-DA": (tiny_config("sam-da"), []),
         "CA-SAM": (tiny_config("ca-sam"), []),
     }
+    slugs = {"AMA-SAM cgrl (+aux)": "cgrl", "AMA-SAM grl (+aux)": "grl",
+             "AMA-SAM none (+aux)": "none", "AMA-SAM primary only": "primary",
+             "SAM-DA": "sam-da", "CA-SAM": "ca-sam"}
+    if args.rows:
+        runs = {name: run for name, run in runs.items() if slugs[name] in args.rows}
     scores: dict[str, list[dict]] = {name: [] for name in runs}
-    scores["AMA-SAM cgrl, coarse upsampled (no HR-Decoder)"] = []
+    if "AMA-SAM cgrl (+aux)" in runs:
+        scores["AMA-SAM cgrl, coarse upsampled (no HR-Decoder)"] = []
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for seed in args.seeds:
         for name, (model_cfg, aux) in runs.items():
