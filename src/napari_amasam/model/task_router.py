@@ -103,5 +103,7 @@ class TaskRouter(nn.Module):
         batch = features.shape[0]
         if not any(vae.calibrated for vae in self.vaes):
             return torch.zeros(batch, dtype=torch.long, device=embedding.device)
-        ratio, task = self.ratios(features).min(dim=1)
+        # scored in float32, as when the thresholds were calibrated (not under bf16 autocast)
+        with torch.autocast(embedding.device.type, enabled=False):
+            ratio, task = self.ratios(features).min(dim=1)
         return torch.where(ratio <= 1.0, task, torch.full_like(task, BASE_PATH))
