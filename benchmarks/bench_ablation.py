@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tabulate-only", action="store_true",
+                        help="no training: tabulate the runs already evaluated in OUT")
     parser.add_argument("--rows", nargs="*", default=None, metavar="ROW",
                         help="train/evaluate only the rows whose slug is given (cgrl grl none "
                              "primary sam-da ca-sam): split the work over processes")
@@ -121,6 +123,8 @@ def main() -> None:
         for name, (model_cfg, aux) in runs.items():
             slug = name.split(" (")[0].lower().replace(" ", "_").replace("-", "")
             folder = out / f"{slug}{'_aux' if aux else ''}_seed{seed}"
+            if args.tabulate_only and not (folder / "eval.json").is_file():
+                continue
             # one post-processing for every row (defaults, no per-run tuning: CPU budget)
             train_row(folder, mon_train, model_cfg, args.steps, seed, sam, aux=aux,
                       val_fraction=0.0, tune_thresholds=False)
@@ -148,6 +152,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     table = {}
     for name, rows in scores.items():
+        if not rows:
+            continue
         cells = []
         table[name] = {}
         for k in METRICS:

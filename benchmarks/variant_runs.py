@@ -148,6 +148,10 @@ def evaluate(predictor, items, coarse_only: bool = False) -> dict:
 
     per_image, routed = {}, {}
     for stem, image, labels in items:
+        if predictor.is_classical:  # labels only, no maps
+            routed[stem] = None
+            per_image[stem] = evaluate_pair(labels, predictor.segment(image))
+            continue
         maps = predictor.predict_maps(image)
         routed[stem] = maps.routed_task
         per_image[stem] = evaluate_pair(labels, predictor.postprocess(maps))
