@@ -81,7 +81,8 @@ def mosaic(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(path)[:half, :half]
         labels = read_labels(path.parent.parent / "labels" / f"{path.stem}.tif")[:half, :half]
         row, col = divmod(index, 2)
-        window = np.s_[row * half : row * half + image.shape[0], col * half : col * half + image.shape[1]]
+        top, left = row * half, col * half
+        window = np.s_[top : top + image.shape[0], left : left + image.shape[1]]
         canvas[window] = image
         truth[window] = np.where(labels > 0, labels + truth.max(), 0)
     return canvas, truth
@@ -168,9 +169,9 @@ def breakdown(model, image: np.ndarray, predictor: Predictor) -> None:
     rows += [(n, seconds[n]) for n in ("encoder.neck", "coarse_head", "prompt_encoder")]
     hr_parts = [n for n in seconds if n.startswith("hr_decoder.")]
     rows += [(n, seconds[n]) for n in hr_parts]
-    rows.append(("hr_decoder other ops (upsampling, fusion)",
+    rows.append(("hr_decoder rest (full-res fusion + fused refine)",
                  seconds["hr_decoder"] - sum(seconds[n] for n in hr_parts)))
-    accounted = sum(v for n, v in seconds.items() if n != "hr_decoder" and not n.startswith("hr_decoder."))
+    accounted = sum(v for n, v in seconds.items() if not n.startswith("hr_decoder"))
     accounted += seconds["hr_decoder"]
     rows.append(("rest (preprocess, tiling, blending, sigmoid)", total - accounted))
     print(f"\nper-stage breakdown of one fp32 tile ({total:.2f} s, hooks on):")
@@ -258,7 +259,8 @@ def main() -> None:
             maps_s[name].append(middle - start)
             post_s[name].append(end - middle)
             print(
-                f"tile {index + 1} {name:8s} maps {middle - start:7.2f} s  postprocess{post_source} "
+                f"tile {index + 1} {name:8s} maps {middle - start:7.2f} s  "
+                f"postprocess{post_source} "
                 f"{end - middle:6.3f} s  ({int(labels[(name, index)].max())} objects, "
                 f"foreground {100 * (labels[(name, index)] > 0).mean():.1f}%)",
                 flush=True,
@@ -284,11 +286,14 @@ def main() -> None:
         dices = []
         for i in range(len(maps_s["bf16"])):
             fp32_map, bf16_map = foreground[("fp32", i)], foreground[("bf16", i)]
-            threshold = fp32.thresholds.foreground_threshold if args.model else float(np.median(fp32_map))
+            threshold = (
+                fp32.thresholds.foreground_threshold if args.model else float(np.median(fp32_map))
+            )
             dices.append(dice(fp32_map > threshold, bf16_map > threshold))
             print(f"tile {i + 1}: bf16 vs fp32 foreground max abs diff "
                   f"{np.abs(fp32_map - bf16_map).max():.4f}, mask dice {dices[-1]:.4f} "
-                  f"(threshold {threshold:.3f}, {100 * (fp32_map > threshold).mean():.1f}% foreground)")
+                  f"(threshold {threshold:.3f}, "
+                  f"{100 * (fp32_map > threshold).mean():.1f}% foreground)")
         print(f"bf16 speedup: {total['fp32_same_tiles'] / total['bf16']:.2f}x, "
               f"mask dice vs fp32 {statistics.mean(dices):.3f}")
     share = statistics.median(
