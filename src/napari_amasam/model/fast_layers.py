@@ -87,7 +87,8 @@ def _onednn_conv_ok(x: torch.Tensor, conv: nn.Module) -> bool:
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32:
         return False
-    if not _HAS_ONEDNN_CONV or torch.is_autocast_enabled("cpu"):
+    if not _HAS_ONEDNN_CONV or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        # (Inductor fuses convolution + GELU itself)
         return False
     return not (
         torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
