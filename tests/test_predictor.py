@@ -7,7 +7,6 @@ translation-equivariant, so a tiled prediction can be compared with an untiled o
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +19,9 @@ from napari_amasam.errors import AmaSamError
 from napari_amasam.inference.predictor import Maps, Predictor
 from napari_amasam.inference.tiling import tile_grid
 
-from .helpers import SHARED_DATA
+from .helpers import MONUSEG as MONUSEG_DIR
 
-MONUSEG = sorted(glob.glob(str(SHARED_DATA / "monuseg" / "train" / "images" / "*.png")))
+MONUSEG = sorted(str(p) for p in (MONUSEG_DIR / "images").glob("*.png"))
 
 
 @dataclass
@@ -98,8 +97,6 @@ def _dice(a, b):
 
 @pytest.fixture(scope="module")
 def monuseg_crop():
-    if not MONUSEG:
-        pytest.skip("MoNuSeg data not available")
     from napari_amasam.data.io import read_image
 
     return read_image(MONUSEG[0])[100:356, 200:456]
@@ -300,9 +297,6 @@ def test_classical_predictor_has_no_maps():
 
 
 def test_classical_predictor_segments_monuseg():
-    pytest.importorskip("napari_amasam.inference.classical")
-    if not MONUSEG:
-        pytest.skip("MoNuSeg data not available")
     from napari_amasam.data.io import read_image, read_labels
 
     image_path = MONUSEG[0]
