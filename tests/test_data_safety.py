@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import numpy as np
@@ -17,7 +15,6 @@ import torch
 from napari_amasam import model_folder as mf
 from napari_amasam.cli import main
 from napari_amasam.config import TrainConfig
-from napari_amasam.errors import OutputError
 from napari_amasam.model_folder import load_model, read_history, read_model_folder
 from napari_amasam.training.trainer import run_training
 
@@ -25,8 +22,16 @@ from .helpers import DEMO_DATA, primary_folder, tiny_model_config
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "napari_amasam.cli", *map(str, args)],
-                          capture_output=True, text=True)
+    """The CLI in this process (each subprocess costs a torch import); same exit code and
+    output. An exception the CLI does not turn into a one-line error fails the test."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _cfg(tmp_path, **kw):
@@ -76,6 +81,8 @@ def test_segment_never_overwrites_without_overwrite(tmp_path):
 
 # ----------------------------------------------------------------------------- model folders
 def test_train_refuses_an_existing_model_folder(tmp_path):
+    from napari_amasam.errors import OutputError
+
     out, _ = run_training(_cfg(tmp_path), tiny_model_config())
     weights = (out / "weights.pt").read_bytes()
     history = read_history(out)

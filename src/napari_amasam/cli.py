@@ -114,7 +114,8 @@ def cmd_train(args) -> int:
                                 trainable_backbone=args.trainable_backbone)
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=args.epochs or 30, max_steps=args.max_steps or 0,
+            epochs=30 if args.epochs is None else args.epochs,
+            max_steps=0 if args.max_steps is None else args.max_steps,
             steps_per_epoch=args.steps_per_epoch,
             batch_size=args.batch_size, lr=args.lr, mpp=args.mpp, aux_mpp=args.aux_mpp,
             primary_share=args.primary_share, val_fraction=args.val_fraction,
@@ -203,6 +204,12 @@ def cmd_segment(args) -> int:
     from .export import write_csv, write_geojson, write_labels_tiff
     from .inference.predictor import Predictor
 
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--tile-size", args.tile_size, 1),
+                             ("--overlap", args.overlap, 0)):
+        if value is not None and value < low:
+            return _fail(f"{name} must be at least {low}, not {value}")
+    if args.mpp is not None and not args.mpp > 0:
+        return _fail(f"--mpp must be positive, not {args.mpp}")
     images, problems = collect_images(args.inputs)
     images = list(dict.fromkeys(path.resolve() for path in images))  # a file given twice
     out = Path(args.out)
@@ -324,10 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line per warning, without the source location Python prints by default.
+    text = str(message).strip().splitlines()
+    print(f"napari-amasam: warning: {text[0] if text else category.__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except (AmaSamError, ConfigError) as exc:
         if os.environ.get("NAPARI_AMASAM_DEBUG"):
             raise

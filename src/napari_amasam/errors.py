@@ -33,12 +33,17 @@ class OutputError(AmaSamError):
 def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
     """One line for a failed file operation: ``"<path>: <what went wrong>"``.
 
-    Disk full and permission problems are named in words; the path is the one the operating
-    system reports, else ``path``.
+    The path is the one the operating system reports, else ``path``.
     """
+    where = exc.filename if exc.filename is not None else path
+    problem = os_error_problem(exc)
+    return f"{where}: {problem}" if where is not None else problem
+
+
+def os_error_problem(exc: OSError) -> str:
+    """What went wrong in words (disk full, permission denied, ...), without the path."""
     import errno
 
-    where = exc.filename if exc.filename is not None else path
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         problem = "disk full (no space left on the device)"
     elif exc.errno in (errno.EACCES, errno.EPERM):
@@ -52,5 +57,5 @@ def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
     elif exc.errno == errno.ENOTDIR:
         problem = "a part of this path is a file, not a folder"
     else:
-        problem = exc.strerror or type(exc).__name__
-    return f"{where}: {problem}" if where is not None else problem
+        problem = exc.strerror or str(exc) or type(exc).__name__
+    return problem

@@ -176,12 +176,16 @@ def read_model_folder(path: str | Path) -> ModelFolder:
         train = TrainConfig.from_dict(doc["train"]) if doc.get("train") else None
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: invalid config ({exc})") from None
+    mpp = doc.get("mpp")
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or mpp <= 0):
+        raise CheckpointError(f"{config_path}: invalid config (mpp must be a positive number "
+                              f"or null, not {mpp!r})")
     thresholds = PostprocessConfig()
     thresholds_path = path / "thresholds.json"
     if thresholds_path.is_file():
         try:
             thresholds = PostprocessConfig.from_dict(json.loads(thresholds_path.read_text()))
-        except (ConfigError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, ConfigError, json.JSONDecodeError, TypeError) as exc:
             raise CheckpointError(f"{thresholds_path}: invalid thresholds ({exc})") from None
     return ModelFolder(
         path=path,

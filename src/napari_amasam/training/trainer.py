@@ -94,12 +94,12 @@ def resume_config(model_dir: str | Path, epochs: int | None = None,
     folder = read_model_folder(model_dir)
     if folder.train is None:
         raise CheckpointError(f"{model_dir}: no training settings recorded (cannot resume)")
-    cfg = dataclasses.replace(folder.train, out=str(model_dir))
-    if epochs:
-        cfg.epochs = epochs
+    changes: dict[str, Any] = {"out": str(model_dir)}
+    if epochs is not None:
+        changes["epochs"] = epochs
     if max_steps is not None:
-        cfg.max_steps = max_steps
-    return cfg
+        changes["max_steps"] = max_steps
+    return dataclasses.replace(folder.train, **changes)  # validates the new values
 
 
 def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> dict[str, Any]:
@@ -302,12 +302,16 @@ def train(
         yield {"stage": "setup", "message": f"resumed at step {start_step}"}
     elif is_main:
         work = staging_folder(out)
-        if model_cfg.backbone == "tiny":
-            atomic_torch_save(model.sam_state_dict(), work / base_sam.name)
-        write_config(work, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
-                     cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
-                                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
-        write_thresholds(work, thresholds)
+        try:
+            if model_cfg.backbone == "tiny":
+                atomic_torch_save(model.sam_state_dict(), work / base_sam.name)
+            write_config(work, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
+                         cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
+                                        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
+            write_thresholds(work, thresholds)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # e.g. disk full: leave nothing half-made
+            raise
 
     train_model = dist_utils.wrap_model(model, device) if world > 1 else model
     weights = LossWeights(coarse=cfg.coarse_weight, distance=cfg.distance_weight, domain=cfg.domain_weight)
