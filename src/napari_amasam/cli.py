@@ -159,6 +159,9 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="inference precision (default: the model folder's; auto = bf16 where "
+                        "the device computes it natively, else fp32)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -223,7 +226,8 @@ def cmd_segment(args) -> int:
     if args.model == "classical":
         predictor = Predictor.classical()
     else:
-        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device)
+        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device,
+                                          precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
