@@ -71,6 +71,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_can_create(path: str | Path) -> None:
+    """Raise ``OutputError`` if ``path`` (a file or folder, made later) cannot be created:
+    its nearest existing ancestor is a file or is not writable."""
+    from .errors import OutputError
+
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: folder is not writable (permission denied)")
+
+
 def remove_temp_files(folder: str | Path) -> list[Path]:
     """Delete temporary files a killed writer left in ``folder``; return what was removed."""
     folder = Path(folder)

@@ -184,8 +184,15 @@ def check_segment_outputs(images: list[Path], out: Path, geojson: bool, csv: boo
     """
     from .errors import OutputError
 
+    from .atomic import check_can_create
+
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: --out names a file; give a folder for the results")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"{out}: folder is not writable (permission denied)")
+    else:
+        check_can_create(out)
     writers: dict[Path, Path] = {}
     existing = []
     for image in images:
@@ -271,9 +278,9 @@ def check_writable_file(path: Path) -> None:
 
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name")
-    if not path.parent.is_dir():
+    if not path.absolute().parent.is_dir():
         raise OutputError(f"{path.parent}: no such folder (for {path.name})")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
+    if not os.access(path.absolute().parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path.parent}: folder is not writable (permission denied)")
 
 

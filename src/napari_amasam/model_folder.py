@@ -39,7 +39,12 @@ import torch
 
 from . import __version__
 # atomic_write_* are re-exported: callers import them from here.
-from .atomic import atomic_write_bytes, atomic_write_text, remove_temp_files  # noqa: F401
+from .atomic import (  # noqa: F401
+    atomic_write_bytes,
+    atomic_write_text,
+    check_can_create,
+    remove_temp_files,
+)
 from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from .errors import CheckpointError, OutputError
 
@@ -298,13 +303,7 @@ def check_output_folder(out: str | Path, overwrite: bool = False) -> Path:
         else:
             raise OutputError(f"{out}: folder is not empty and is not a model folder; "
                               "refusing to replace it")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{parent}: folder is not writable (permission denied)")
+    check_can_create(out)
     return out
 
 
