@@ -74,9 +74,12 @@ def test_segment_never_overwrites_without_overwrite(tmp_path):
     assert result.returncode == 2 and "a_labels.tif" in result.stderr
     assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
     assert (out / "a_labels.tif").read_bytes() == before and not (out / "a.csv").exists()
+    stale = out / ".a_labels.tif.k3j4h5.tmp"  # what a killed run leaves
+    stale.write_bytes(b"half a file")
     assert main(["segment", str(images), "--model", "classical", "--out", str(out), "--csv",
                  "--overwrite"]) == 0
     assert (out / "a_labels.tif").read_bytes() != before and (out / "a.csv").is_file()
+    assert not stale.exists()
 
 
 # ----------------------------------------------------------------------------- model folders

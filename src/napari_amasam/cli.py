@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, remove_temp_files
 from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from .errors import AmaSamError, describe_os_error
 
@@ -236,6 +236,7 @@ def cmd_segment(args) -> int:
         predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device,
                                           precision=args.precision)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)  # left by a killed earlier run (ours only: .<name>.<random>.tmp)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
     failed = len(problems)
