@@ -24,10 +24,10 @@ from typing import Any
 
 from ..errors import AmaSamError
 from .parts import PartStore
-from .reader import SlideError, open_slide
+from .reader import SlideError, _suffix, open_slide
 from .regions import Area, check_inside, plan_regions, read_roi
 from .scheduler import SERIAL, default_threads, run_tasks
-from .tissue import TISSUE_MPP, TissueMask, detect_tissue
+from .tissue import TISSUE_MPP, detect_tissue
 from .worker import DEFAULT_HALO, SlideJob, clear_cache, segment_region
 
 #: Region core side at the processing resolution (pixels): ~2.3k x 2.3k windows keep a
@@ -167,7 +167,8 @@ def iter_segment_slide(
     started = time.monotonic()
     slide_path = Path(slide_path)
     out_dir = Path(out_dir)
-    stem = stem or slide_path.name.split(".")[0]
+    suffix = _suffix(slide_path)
+    stem = stem or (slide_path.name[: -len(suffix)] if suffix else slide_path.name)
     with open_slide(slide_path, mpp=mpp) as slide:
         slide_mpp = slide.mpp
         target = process_mpp or model_mpp(model) or slide_mpp
@@ -177,25 +178,22 @@ def iter_segment_slide(
         if roi is not None:
             area = roi if isinstance(roi, Area) else read_roi(roi)
             check_inside(area, slide.shape, roi if not isinstance(roi, Area) else slide_path)
-        mask: TissueMask | None = None
-        if tissue:
-            mask = detect_tissue(slide)
-        elif area is not None:
-            d = max(1.0, TISSUE_MPP / slide_mpp)
-            mask = TissueMask(None, d)  # type: ignore[arg-type]
+        # What to segment, as a low-resolution mask: tissue, the user's polygons, or both.
+        mask_downsample = max(1.0, TISSUE_MPP / slide_mpp)
         include = None
-        if mask is not None:
-            mask_shape = slide.scaled_shape(mask.downsample)
-            include = mask.mask if mask.mask is not None else None
-            if area is not None:
-                drawn = area.rasterize(mask_shape, mask.downsample)
-                include = drawn if include is None else include & drawn
-        tissue_fraction = mask.fraction if (tissue and mask is not None) else None
+        tissue_fraction = None
+        if tissue:
+            detected = detect_tissue(slide)
+            include, mask_downsample = detected.mask, detected.downsample
+            tissue_fraction = detected.fraction
+        if area is not None:
+            drawn = area.rasterize(slide.scaled_shape(mask_downsample), mask_downsample)
+            include = drawn if include is None else include & drawn
         if include is not None:
-            tissue_mm2 = float(include.sum()) * (mask.downsample * slide_mpp) ** 2 / 1e6
+            tissue_mm2 = float(include.sum()) * (mask_downsample * slide_mpp) ** 2 / 1e6
         else:
             tissue_mm2 = slide.shape[0] * slide.shape[1] * slide_mpp**2 / 1e6
-    include_downsample = (mask.downsample / downsample) if mask is not None else 1.0
+    include_downsample = mask_downsample / downsample
     regions, total = plan_regions(shape, region_size, include, include_downsample)
     job = SlideJob(
         slide_path=str(slide_path), slide_mpp=slide_mpp, downsample=downsample, model=str(model),

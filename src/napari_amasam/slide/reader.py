@@ -175,7 +175,7 @@ class Slide:
     def thumbnail(self, downsample: float, source_block: int = 2048) -> np.ndarray:
         """The whole slide at ``downsample`` (a low resolution), read block by block.
 
-        Each block reads at most about ``source_block``\ ² pixels of the source level, so
+        Each block reads at most about ``source_block`` squared pixels of the source level, so
         memory stays small even for a slide without a pyramid.
 
         Returns
@@ -263,12 +263,14 @@ class TiffSlide(Slide):
     def _read_level(self, level, y, x, h, w):
         array = self._levels[level]
         squeeze, order = self._layout
-        index = [0] * squeeze
-        if order == "SYX":
-            pixels = np.moveaxis(np.asarray(array[tuple(index) + (slice(None), slice(y, y + h),
-                                                                  slice(x, x + w))]), 0, -1)
-        else:
-            pixels = np.asarray(array[tuple(index) + (slice(y, y + h), slice(x, x + w))])
+        index = (0,) * squeeze
+        # One reader at a time: the store shares one file handle (napari reads in threads).
+        with self._lock:
+            if order == "SYX":
+                pixels = np.moveaxis(np.asarray(array[index + (slice(None), slice(y, y + h),
+                                                               slice(x, x + w))]), 0, -1)
+            else:
+                pixels = np.asarray(array[index + (slice(y, y + h), slice(x, x + w))])
         return _as_rgb(pixels, self.path)
 
     def close(self):

@@ -22,8 +22,8 @@ from .reader import Slide
 TISSUE_MPP = 8.0
 #: Saturation threshold bounds: glass is below ~0.04, pale eosin stroma above ~0.10.
 SATURATION_RANGE = (0.05, 0.10)
-#: Components smaller than this are dust or debris (square microns).
-MIN_TISSUE_UM2 = 40_000.0
+#: Components smaller than this (a 100 µm square) are dust or debris (square microns).
+MIN_TISSUE_UM2 = 10_000.0
 #: Dilation of the mask (microns), so cells at the edge of tissue are not cut off.
 MARGIN_UM = 50.0
 
