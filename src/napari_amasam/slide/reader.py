@@ -40,6 +40,9 @@ LARGE_TIFF_PIXELS = 4096 * 4096
 BACKGROUND = 255
 
 
+INSTALL_HINT = "pip install 'napari-amasam[wsi]'"
+
+
 class SlideError(DataError):
     """A slide cannot be opened or read: ``"<file>: <problem>"``."""
 
@@ -244,7 +247,10 @@ class TiffSlide(Slide):
     backend = "tifffile"
 
     def __init__(self, path: Path, tiff):
-        import zarr
+        try:
+            import zarr
+        except ImportError:
+            raise SlideError(path, f"reading slides needs zarr: {INSTALL_HINT}") from None
 
         self._tiff = tiff
         self._lock = threading.Lock()
@@ -327,6 +333,40 @@ def _tiff_mpp(tiff) -> float | None:
     return value
 
 
+def check_tiff_complete(path: Path) -> None:
+    """Raise when a TIFF-based file's image data runs past its end (a truncated copy).
+
+    Readers open such files happily and fail (or return garbage) only when the missing
+    tiles are read, possibly hours into a run; the check costs reading the tag tables.
+    Files tifffile cannot parse are left to the format's reader.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            if tiff.is_mmstack or tiff.is_ndpi:  # offsets beyond 4 GB are remapped there
+                return
+            pages = list(tiff.pages)
+            for series in tiff.series:
+                for level in series.levels:
+                    pages.extend(level.pages)
+            end = 0
+            for page in pages:
+                if page is None or not hasattr(page, "dataoffsets"):
+                    continue
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+                    end = max(end, offset + count)
+    except Exception as exc:
+        if "not a TIFF" in str(exc) or "invalid TIFF" in str(exc):
+            return
+        raise SlideError(path, f"corrupt TIFF structure ({exc}); the file may be truncated") \
+            from None
+    if end > size:
+        raise SlideError(path, f"truncated: image data runs to byte {end} but the file has "
+                               f"{size} bytes")
+
+
 def _open_openslide(path: Path) -> Slide | None:
     try:
         import openslide
@@ -386,6 +426,7 @@ def open_slide(path: str | Path, mpp: float | None = None, require_mpp: bool = T
         raise SlideError(path, "no such file")
     if path.stat().st_size == 0:
         raise SlideError(path, "empty file")
+    check_tiff_complete(path)
     tiff_first = _suffix(path) in TIFF_SUFFIXES
     openers = (_open_tifffile, _open_openslide) if tiff_first else (_open_openslide, _open_tifffile)
     slide = None
@@ -394,8 +435,13 @@ def open_slide(path: str | Path, mpp: float | None = None, require_mpp: bool = T
         if slide is not None:
             break
     if slide is None:
+        hint = ""
+        try:
+            import openslide  # noqa: F401
+        except ImportError:
+            hint = f"; OpenSlide is not installed ({INSTALL_HINT})"
         raise SlideError(path, "not a slide format OpenSlide or tifffile can read "
-                               f"(suffix {path.suffix or 'none'!r})")
+                               f"(suffix {path.suffix or 'none'!r}){hint}")
     try:
         if mpp is not None:
             value = float(mpp)

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..errors import AmaSamError
+
 SERIAL = "serial"
 
 
@@ -48,7 +50,11 @@ def run_tasks(function: Callable, job: Any, items: list, scheduler: str | None =
         for item in items:
             yield function(job, item)
         return
-    from distributed import Client, LocalCluster, as_completed
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise AmaSamError("running slide regions needs Dask distributed: pip install "
+                          "'napari-amasam[wsi]' (or use --scheduler serial)") from None
 
     cluster = None
     if scheduler:
