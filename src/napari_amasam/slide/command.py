@@ -17,7 +17,8 @@ from .reader import is_slide_file
 
 def add_slide_arguments(parser) -> None:
     """The slide-only flags of ``segment`` (ignored for plain images)."""
-    group = parser.add_argument_group("whole-slide images (.svs, .ndpi, .mrxs, .scn, pyramidal TIFF)")
+    group = parser.add_argument_group(
+        "whole-slide images (.svs, .ndpi, .mrxs, .scn, pyramidal TIFF)")
     group.add_argument("--roi", metavar="GEOJSON",
                        help="segment only inside these polygons (level-0 pixel coordinates)")
     group.add_argument("--no-tissue-detection", action="store_true",

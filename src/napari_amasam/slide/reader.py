@@ -121,8 +121,8 @@ class Slide:
         except SlideError:
             raise
         except Exception as exc:  # truncated or corrupt files fail here, not at open
-            raise SlideError(self.path, f"cannot read pixels at level {level} "
-                                        f"({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+            problem = f"cannot read pixels at level {level} ({type(exc).__name__}: {exc})"
+            raise SlideError(self.path, problem.replace("\n", " ")) from None
         out[y0 - y : y1 - y, x0 - x : x1 - x] = pixels
         return out
 
