@@ -154,6 +154,9 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the inputs")
     p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="inference precision (default: the model folder's; auto = bf16 where "
+                        "the device computes it natively, else fp32)")
     from .slide.command import add_slide_arguments
 
     add_slide_arguments(p)
@@ -164,7 +167,6 @@ def cmd_segment(args) -> int:
     from .data.io import collect_images, read_image
     from .export import write_csv, write_geojson, write_labels_tiff
     from .inference.predictor import Predictor
-
     from .slide.command import segment_slides, split_slides
 
     slides, plain_inputs = split_slides(args.inputs)
@@ -175,14 +177,16 @@ def cmd_segment(args) -> int:
         except (OSError, json.JSONDecodeError, ConfigError, TypeError) as exc:
             return _fail(f"{args.thresholds}: invalid thresholds file ({exc})")
     # Whole-slide images stream region by region (napari_amasam.slide); the rest below.
-    slides_failed = segment_slides(args, slides, thresholds and thresholds.to_dict()) if slides else 0
+    slides_failed = (segment_slides(args, slides, thresholds and thresholds.to_dict())
+                     if slides else 0)
     if not plain_inputs:
         return 1 if slides_failed else 0
     images, problems = collect_images(plain_inputs)
     if args.model == "classical":
         predictor = Predictor.classical()
     else:
-        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device)
+        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device,
+                                          precision=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for problem in problems:

@@ -72,6 +72,7 @@ def segment_slides(args, slides: list[Path], thresholds: dict | None) -> int:
             scheduler=args.scheduler, workers=args.workers, checkpoint=args.checkpoint,
             device=args.device, thresholds=thresholds, tile_size=args.tile_size,
             overlap=args.overlap, batch_size=args.batch_size,
+            precision=getattr(args, "precision", None),
         )
         try:
             while True:

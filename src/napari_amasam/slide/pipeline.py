@@ -122,6 +122,7 @@ def iter_segment_slide(
     tile_size: int | None = None,
     overlap: int | None = None,
     batch_size: int = 4,
+    precision: str | None = None,
     geojson: bool = True,
     csv: bool = True,
     stem: str | None = None,
@@ -150,7 +151,7 @@ def iter_segment_slide(
     scheduler : str or None
         None: a local Dask cluster with ``workers`` processes; an address: that cluster;
         ``"serial"``: this process, no Dask.
-    checkpoint, device, thresholds, tile_size, overlap, batch_size
+    checkpoint, device, thresholds, tile_size, overlap, batch_size, precision
         Predictor settings (see ``Predictor``).
     geojson, csv : bool
         Also write those outputs.
@@ -200,7 +201,7 @@ def iter_segment_slide(
         parts_dir=str(out_dir / f"{stem}.parts"), checkpoint=checkpoint, device=device,
         thresholds=thresholds, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         halo=halo, polygons=None if area is None else [p.tolist() for p in area.polygons],
-        threads=0 if scheduler == SERIAL else default_threads(workers),
+        threads=0 if scheduler == SERIAL else default_threads(workers), precision=precision,
     )
     store = PartStore(out_dir / f"{stem}.parts",
                       _plan_key(slide_path, job, [r.index for r in regions], shape,

@@ -49,6 +49,8 @@ class SlideJob:
     parts_dir : str
     threads : int
         Torch CPU threads in the worker (0 = leave torch's default).
+    precision : str or None
+        ``fp32``, ``bf16``, ``auto`` or None (the model folder's).
     """
 
     slide_path: str
@@ -65,6 +67,7 @@ class SlideJob:
     halo: int = DEFAULT_HALO
     polygons: list | None = field(default=None, hash=False)
     threads: int = 0
+    precision: str | None = None
 
 
 _CACHE: dict[str, Any] = {}
@@ -86,7 +89,7 @@ def _slide(job: SlideJob):
 def _predictor(job: SlideJob):
     from ..inference.predictor import Predictor
 
-    key = (job.model, job.checkpoint, job.device)
+    key = (job.model, job.checkpoint, job.device, job.precision)
     if _CACHE.get("predictor_key") != key:
         if job.threads > 0:
             import torch
@@ -96,7 +99,7 @@ def _predictor(job: SlideJob):
             predictor = Predictor.classical()
         else:
             predictor = Predictor.from_folder(job.model, checkpoint=job.checkpoint,
-                                              device=job.device)
+                                              device=job.device, precision=job.precision)
         _CACHE["predictor"] = predictor
         _CACHE["predictor_key"] = key
     return _CACHE["predictor"]
