@@ -220,7 +220,13 @@ def seams(work: Path, model: str, rows: int = 2, cols: int = 3) -> dict:
     result = segment_slide(path, model, work / f"mosaic_out_{name}", region_size=384,
                            scheduler="serial", tissue=False, device="cpu")
     slide_labels = tifffile.imread(result.labels_path).astype(np.int32)
+    # The same path with one region holding the whole mosaic: no region borders at all, so
+    # the difference to the 384 px run is what region seams cost, context effects aside.
+    single = segment_slide(path, model, work / f"mosaic_out_{name}_one", region_size=2048,
+                           scheduler="serial", tissue=False, device="cpu")
+    one_region = evaluate_pair(gt, tifffile.imread(single.labels_path).astype(np.int32))["aji"]
     figures = {
+        "one_region": one_region,
         "per_tile": evaluate_pair(gt, per_tile)["aji"],
         "whole_image": evaluate_pair(gt, whole)["aji"],
         "slide_path": evaluate_pair(gt, slide_labels)["aji"],
@@ -229,7 +235,9 @@ def seams(work: Path, model: str, rows: int = 2, cols: int = 3) -> dict:
     }
     print(f"  {name}: AJI per-tile {figures['per_tile']:.4f}, whole mosaic "
           f"{figures['whole_image']:.4f}, slide path (384 px regions) {figures['slide_path']:.4f}"
-          f" (slide - per-tile {figures['slide_path'] - figures['per_tile']:+.4f}); slide path "
+          f" (slide - per-tile {figures['slide_path'] - figures['per_tile']:+.4f}), slide path "
+          f"one region {one_region:.4f} (384 px regions - one region "
+          f"{figures['slide_path'] - one_region:+.4f}); slide path "
           f"{result.seconds:.1f} s for {result.tissue_mm2:.3f} mm² = "
           f"{result.seconds / result.tissue_mm2:.0f} s/mm²", flush=True)
     return figures

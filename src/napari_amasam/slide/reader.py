@@ -19,6 +19,8 @@ Errors are :class:`SlideError` (a ``DataError``: ``"<file>: <problem>"`` on one 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import threading
 from pathlib import Path
@@ -333,6 +335,18 @@ def _tiff_mpp(tiff) -> float | None:
     return value
 
 
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Silence tifffile's warnings while probing: a broken file gets one error line of ours."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_tiff_complete(path: Path) -> None:
     """Raise when a TIFF-based file's image data runs past its end (a truncated copy).
 
@@ -344,7 +358,7 @@ def check_tiff_complete(path: Path) -> None:
 
     size = path.stat().st_size
     try:
-        with tifffile.TiffFile(path) as tiff:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tiff:
             if tiff.is_mmstack or tiff.is_ndpi:  # offsets beyond 4 GB are remapped there
                 return
             pages = list(tiff.pages)
@@ -474,7 +488,12 @@ def is_slide_file(path: str | Path) -> bool:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tiff:
+        check_tiff_complete(path)
+    except SlideError:
+        return True  # a broken TIFF goes where its problem is reported in one line
+
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tiff:
             series = tiff.series[0]
             if len(series.levels) > 1 or tiff.is_svs or tiff.is_ndpi:
                 return True
