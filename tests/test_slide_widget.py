@@ -60,8 +60,9 @@ def test_shapes_region_gives_aligned_multiscale_labels(slide_viewer, tmp_path):
 
 def test_field_of_view_is_what_gets_segmented(slide_viewer, tmp_path):
     viewer, _ = slide_viewer
-    viewer.camera.center = (256, 256)
-    viewer.camera.zoom = max(viewer.canvas.size) / 200  # about 200 slide pixels across
+    camera = getattr(viewer, "scene", viewer).camera
+    camera.center = (256, 256)
+    camera.zoom = max(viewer.canvas.size) / 200  # about 200 slide pixels across
     widget = _widget(viewer, tmp_path)
     widget.area_combo.setCurrentText("Current field of view")
     fov = widget.field_of_view(viewer.layers["strip"])

@@ -123,8 +123,10 @@ class SlideWidget(QWidget):
     def field_of_view(self, layer) -> np.ndarray:
         """The visible rectangle as a polygon in the layer's level-0 ``(x, y)`` pixels."""
         height, width = self.viewer.canvas.size
-        zoom = self.viewer.camera.zoom
-        center = np.asarray(self.viewer.camera.center)[-2:]
+        # napari 0.9 moved the camera to viewer.scene (viewer.camera is deprecated there).
+        camera = getattr(self.viewer, "scene", self.viewer).camera
+        zoom = camera.zoom
+        center = np.asarray(camera.center)[-2:]
         half = np.array([height, width]) / (2 * zoom)
         corners = [layer.world_to_data(center + sign * half) for sign in (-1, 1)]
         (y0, x0), (y1, x1) = (np.asarray(c)[-2:] for c in corners)
