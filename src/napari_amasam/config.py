@@ -74,8 +74,9 @@ class ModelConfig:
         (nothing pretrained to preserve); AMA-SAM keeps SAM frozen.
     fast_attention : bool
         Run SAM's attention and MLP blocks through the exact fused CPU/GPU path of
-        ``model.fast_attention`` (same weights, same results to float tolerance, ~1.9x faster
-        vit_b encoder on CPU). Off = segment_anything's reference forward.
+        ``model.fast_attention`` and the convolutional side through ``model.fast_layers``
+        (same weights, same results to float tolerance, ~1.5-1.95x faster vit_b encoder on
+        CPU). Off = segment_anything's reference forward.
     precision : str
         Default inference precision of this model: ``auto``, ``fp32`` or ``bf16`` (see
         ``napari_amasam.precision``); the predictor, CLI and widget can override it.
