@@ -162,6 +162,9 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="inference precision (default: the model folder's; auto = bf16 where "
                         "the device computes it natively, else fp32)")
+    from .slide.command import add_slide_arguments
+
+    add_slide_arguments(p)
     p.set_defaults(func=cmd_segment)
 
 
@@ -213,6 +216,7 @@ def cmd_segment(args) -> int:
     from .data.io import collect_images, read_image
     from .export import write_csv, write_geojson, write_labels_tiff
     from .inference.predictor import Predictor
+    from .slide.command import segment_slides, split_slides
 
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--tile-size", args.tile_size, 1),
                              ("--overlap", args.overlap, 0)):
@@ -220,7 +224,8 @@ def cmd_segment(args) -> int:
             return _fail(f"{name} must be at least {low}, not {value}")
     if args.mpp is not None and not args.mpp > 0:
         return _fail(f"--mpp must be positive, not {args.mpp}")
-    images, problems = collect_images(args.inputs)
+    slides, plain_inputs = split_slides(args.inputs)
+    images, problems = collect_images(plain_inputs) if plain_inputs else ([], [])
     images = list(dict.fromkeys(path.resolve() for path in images))  # a file given twice
     out = Path(args.out)
     check_segment_outputs(images, out, args.geojson, args.csv, args.overwrite)
@@ -230,6 +235,11 @@ def cmd_segment(args) -> int:
             thresholds = PostprocessConfig.from_dict(json.loads(Path(args.thresholds).read_text()))
         except (OSError, json.JSONDecodeError, ConfigError, TypeError) as exc:
             return _fail(f"{args.thresholds}: invalid thresholds file ({exc})")
+    # Whole-slide images stream region by region (napari_amasam.slide); the rest below.
+    slides_failed = (segment_slides(args, slides, thresholds and thresholds.to_dict())
+                     if slides else 0)
+    if not plain_inputs:
+        return 1 if slides_failed else 0
     if args.model == "classical":
         predictor = Predictor.classical()
     else:
@@ -239,7 +249,7 @@ def cmd_segment(args) -> int:
     remove_temp_files(out)  # left by a killed earlier run (ours only: .<name>.<random>.tmp)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
-    failed = len(problems)
+    failed = len(problems) + slides_failed
     for path in images:
         t0 = time.perf_counter()
         try:
