@@ -148,6 +148,8 @@ def main() -> int:
     scores: dict[str, dict[str, list[dict]]] = {}  # method -> dataset -> per-seed means
     for name, (folder, stems, mpp_of) in datasets.items():
         scores.setdefault("classical", {})[name] = [mean_over_images(evaluate(classical, folder, stems, mpp_of))]
+        print(f"classical {name}: " + " ".join(
+            f"{k} {v:.4f}" for k, v in scores["classical"][name][0].items()), flush=True)
 
     times, curves = [], []
     variants = [("model", False)] + ([] if args.no_tta else [("model + TTA", True)])
@@ -160,6 +162,8 @@ def main() -> int:
             for name, (folder, stems, mpp_of) in datasets.items():
                 per_image = evaluate(predictor, folder, stems, mpp_of, tta=tta)
                 scores.setdefault(method, {}).setdefault(name, []).append(mean_over_images(per_image))
+                print(f"seed {seed} {method} {name}: " + " ".join(
+                    f"{k} {v:.4f}" for k, v in scores[method][name][-1].items()), flush=True)
         print(f"seed {seed}: trained in {seconds / 60:.1f} min; " + "; ".join(
             f"{m} {n} AJI {scores[m][n][-1]['aji']:.3f}" for m, _ in variants for n in datasets), flush=True)
 

@@ -175,6 +175,8 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the inputs")
     p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the maps over 8 flips/rotations (8x slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_segment)
 
@@ -206,7 +208,7 @@ def cmd_segment(args) -> int:
             image = read_image(path)
             labels = predictor.segment(image, tile_size=args.tile_size, overlap=args.overlap,
                                        batch_size=args.batch_size, input_mpp=args.mpp,
-                                       thresholds=thresholds)
+                                       thresholds=thresholds, tta=args.tta)
         except AmaSamError as exc:
             print(f"skipped: {exc}", file=sys.stderr)
             failed += 1
