@@ -178,6 +178,9 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the maps over 8 flips/rotations (8x slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="inference precision (default: the model folder's; auto = bf16 where "
+                        "the device computes it natively, else fp32)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -196,7 +199,8 @@ def cmd_segment(args) -> int:
     if args.model == "classical":
         predictor = Predictor.classical()
     else:
-        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device)
+        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device,
+                                          precision=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for problem in problems:
