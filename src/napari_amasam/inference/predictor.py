@@ -280,7 +280,11 @@ class Predictor:
         With ``tta`` the logits are the mean over the 8 flips/90-degree rotations of each tile
         (each mapped back before averaging; the maps are scalar fields, so they average as is).
         """
-        images = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+        images = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            # page-locked host memory: the copy runs asynchronously, at full PCIe speed
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        images = images.to(self.device).permute(0, 3, 1, 2).float()
         # Modes are entered and left within this call: the generator never yields inside them.
         was_training = self.model.training
         self.model.eval()
