@@ -105,6 +105,14 @@ class AmaSamProbabilities(nn.Module):
             checkpoint = find_base_checkpoint(base_checkpoint["name"], base_checkpoint.get("sha256"))
         self.net = build_amasam(cfg, checkpoint=checkpoint).eval()
 
+    @classmethod
+    def wrapping(cls, net: nn.Module) -> AmaSamProbabilities:
+        """Wrap an already built AmaSam (the exporter's loaded model; nothing is rebuilt)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.net = net.eval()
+        return self
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         out = self.net(image)
         maps = [out.fine_logits]

@@ -259,9 +259,7 @@ def export_model_package(
         # Fail now, not at import, if the recorded checkpoint is not the one on disk.
         resolve_base_checkpoint(folder, checkpoint)
     model, folder = load_model(model_dir, checkpoint=checkpoint, device="cpu")
-    network = AmaSamProbabilities.__new__(AmaSamProbabilities)
-    torch.nn.Module.__init__(network)
-    network.net = model.eval()
+    network = AmaSamProbabilities.wrapping(model)
 
     size = folder.model.image_size
     if test_image is None:
@@ -320,13 +318,25 @@ def export_model_package(
 
 
 def _trace(network, test_input: np.ndarray, test_output: np.ndarray, path: Path) -> bool:
-    """TorchScript by tracing; kept only if it reproduces the eager output. Returns success."""
+    """TorchScript by tracing; kept only if it reproduces the eager output. Returns success.
+
+    The traced copy uses SAM's own attention code (``fast_attention=False``): the fast path
+    calls oneDNN kernels the tracer cannot record; the weights are the same tensors.
+    """
+    import dataclasses
     import warnings
 
+    from .bioimageio_architecture import AmaSamProbabilities
+    from .model.amasam import AmaSam
+    from .model.backbone import MODEL_REGISTRY
+
     try:
+        cfg = dataclasses.replace(network.net.cfg, fast_attention=False)
+        plain = AmaSamProbabilities.wrapping(AmaSam(cfg, MODEL_REGISTRY[cfg.backbone](cfg)))
+        plain.load_state_dict(network.state_dict())
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
-            traced = torch.jit.trace(network, torch.from_numpy(test_input), check_trace=False)
+            traced = torch.jit.trace(plain, torch.from_numpy(test_input), check_trace=False)
             again = traced(torch.from_numpy(test_input)).numpy()
     except Exception:  # noqa: BLE001 - a model that does not trace ships state-dict weights only
         return False

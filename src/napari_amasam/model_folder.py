@@ -251,16 +251,19 @@ def load_model(
     device: str | torch.device = "cpu",
     weights: str = "weights.pt",
 ):
-    """Rebuild a trained model from its folder, ready for inference.
+    """Rebuild a trained model from its folder (or bioimage.io package), ready for inference.
 
     Returns
     -------
     (AmaSam, ModelFolder)
         The model in eval mode on ``device`` and the folder's description.
     """
+    from .bioimageio_package import is_model_package, load_model_package
     from .device import resolve_device
     from .model import build_amasam
 
+    if is_model_package(path):  # a bioimage.io package exported by this plugin
+        return load_model_package(path, checkpoint=checkpoint, device=device)
     folder = read_model_folder(path)
     weights_path = folder.path / weights
     if not weights_path.is_file():
