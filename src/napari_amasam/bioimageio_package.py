@@ -598,15 +598,19 @@ def validate_model_package(path: str | Path, weight_format: str | None = None) -
 
     Returns
     -------
-    dict with ``passed`` (bool), ``status`` and ``failures`` (one line each).
+    dict with ``passed`` (bool), ``status``, ``failures`` (one line each) and ``checks``
+    (``"status: name"`` of every check, e.g. ``"passed: Reproduce test outputs from test
+    inputs (torchscript)"``; without ``weight_format`` every weight format is run).
     """
     _require_bioimageio(path)
     from bioimageio.core import test_model
 
     summary = test_model(str(path), weight_format=weight_format)
-    failures = []
+    failures, checks = [], []
     for detail in summary.details:
+        checks.append(f"{detail.status}: {detail.name}")
         if detail.status == "failed":
             errors = "; ".join(str(e.msg) for e in (detail.errors or []))[:300]
             failures.append(f"{detail.name}: {errors}")
-    return {"passed": summary.status == "passed", "status": summary.status, "failures": failures}
+    return {"passed": summary.status == "passed", "status": summary.status,
+            "failures": failures, "checks": checks}
