@@ -187,3 +187,46 @@ def test_vit_b_without_base_finds_checkpoint_by_name_and_hash(vit_b_folder, vit_
         Predictor.from_folder(vit_b_folder, device="cpu").segment(crop),
     )
     assert bp.validate_model_package(out)["passed"]
+
+
+def test_read_model_folder_describes_a_package(tiny_package):
+    """The Segment widget fills its thresholds from read_model_folder: packages too."""
+    from napari_amasam.model_folder import read_model_folder
+
+    folder = read_model_folder(tiny_package)
+    assert folder.thresholds == THRESHOLDS and folder.mpp == 0.25
+    assert folder.model == tiny_model_config(image_size=64)
+
+
+def test_cli_export_model_then_segment_with_the_package(tiny_folder, tmp_path, breast):
+    import tifffile
+
+    from napari_amasam.cli import main
+
+    image = tmp_path / "in" / "crop.png"
+    image.parent.mkdir()
+    iio.imwrite(image, breast)
+    package = tmp_path / "model.zip"
+    args = ["export-model", "--model", str(tiny_folder), "--out", str(package), "--no-validate",
+            "--no-torchscript", "--author", "Test Author", "--data-citation", "MoNuSeg crops.",
+            "--data-licence", "CC-BY-NC-SA-4.0"]
+    assert main(args) == 0 and bp.is_model_package(package)
+    assert main(args) == 2  # exists: refused without --overwrite
+    for model, out in ((package, "a"), (tiny_folder, "b")):
+        assert main(["segment", str(image), "--model", str(model), "--out", str(tmp_path / out),
+                     "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a" / "crop_labels.tif"),
+                                  tifffile.imread(tmp_path / "b" / "crop_labels.tif"))
+
+
+def test_cli_segment_with_a_foreign_package_prints_one_line(tiny_folder, tmp_path, capsys):
+    from napari_amasam.cli import main
+
+    out = bp.export_model_package(tiny_folder, tmp_path / "other", torchscript=False)
+    rdf = (out / "rdf.yaml").read_text()
+    (out / "rdf.yaml").write_text(rdf[: rdf.index("  napari_amasam:")])
+    image = SAMPLE / "monuseg_breast.png"
+    assert main(["segment", str(image), "--model", str(out), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-amasam: error:") and "not exported by napari-amasam" in err
+    assert "\n" not in err

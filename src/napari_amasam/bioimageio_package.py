@@ -506,6 +506,34 @@ def read_package_section(path: str | Path) -> tuple[Any, dict]:
     return descr, section
 
 
+def _folder_from_section(path: Path, descr: Any, section: dict) -> ModelFolder:
+    try:
+        cfg = ModelConfig.from_dict(section["model"])
+        thresholds = PostprocessConfig.from_dict(section["thresholds"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise PackageError(f"{path}: invalid napari_amasam config ({exc})") from None
+    base = section.get("base_checkpoint") or {}
+    return ModelFolder(
+        path=path,
+        model=cfg,
+        thresholds=thresholds,
+        train=None,
+        base_checkpoint={k: base.get(k) for k in ("name", "sha256", "embedded")},
+        mpp=section.get("mpp"),
+        data=section.get("training_data") or {},
+        meta={"package_version": section.get("package_version"), "bioimageio_name": descr.name,
+              "normalisation": section.get("normalisation")},
+    )
+
+
+def read_package(path: str | Path) -> ModelFolder:
+    """What a package says about its model (architecture, thresholds, mpp), no weights read:
+    the package counterpart of ``model_folder.read_model_folder``."""
+    path = Path(path)
+    descr, section = read_package_section(path)
+    return _folder_from_section(path, descr, section)
+
+
 def load_model_package(
     path: str | Path,
     checkpoint: str | Path | None = None,
@@ -538,11 +566,8 @@ def load_model_package(
 
     path = Path(path)
     descr, section = read_package_section(path)
-    try:
-        cfg = ModelConfig.from_dict(section["model"])
-        thresholds = PostprocessConfig.from_dict(section["thresholds"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise PackageError(f"{path}: invalid napari_amasam config ({exc})") from None
+    folder = _folder_from_section(path, descr, section)
+    cfg, base = folder.model, folder.base_checkpoint
     weights = descr.weights.pytorch_state_dict
     if weights is None:
         raise PackageError(f"{path}: no pytorch_state_dict weights")
@@ -552,7 +577,6 @@ def load_model_package(
     except Exception as exc:  # noqa: BLE001
         raise PackageError(f"{path}: cannot read its weights ({exc})") from None
     state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    base = section.get("base_checkpoint") or {}
     if base.get("embedded"):
         model = AmaSam(cfg, MODEL_REGISTRY[cfg.backbone](cfg))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -579,17 +603,6 @@ def load_model_package(
         model.load_trainable_state_dict(state, f"{path} weights")
     if not isinstance(device, torch.device):
         device = resolve_device(device)
-    folder = ModelFolder(
-        path=path,
-        model=cfg,
-        thresholds=thresholds,
-        train=None,
-        base_checkpoint={k: base.get(k) for k in ("name", "sha256")},
-        mpp=section.get("mpp"),
-        data=section.get("training_data") or {},
-        meta={"package_version": section.get("package_version"), "bioimageio_name": descr.name,
-              "normalisation": section.get("normalisation")},
-    )
     return model.to(device).eval(), folder
 
 

@@ -192,7 +192,7 @@ def cmd_segment(args) -> int:
             continue
         write_labels_tiff(out / f"{path.stem}_labels.tif", labels)
         if args.geojson:
-            write_geojson(out / f"{path.stem}.geojson", labels, image=image)
+            write_geojson(out / f"{path.stem}.geojson", labels, image=image, mpp=args.mpp)
         if args.csv:
             write_csv(out / f"{path.stem}.csv", labels, image=image)
         n = int(labels.max())

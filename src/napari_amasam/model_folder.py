@@ -143,8 +143,15 @@ def write_thresholds(path: str | Path, thresholds: PostprocessConfig) -> None:
 
 
 def read_model_folder(path: str | Path) -> ModelFolder:
-    """Read ``config.json`` and ``thresholds.json``; one-line errors for a bad folder."""
+    """Read ``config.json`` and ``thresholds.json``; one-line errors for a bad folder.
+
+    A bioimage.io package exported by this plugin (``.zip`` or folder) reads the same way.
+    """
+    from .bioimageio_package import is_model_package, read_package
+
     path = Path(path)
+    if is_model_package(path):
+        return read_package(path)
     config_path = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: model folder not found")
