@@ -157,6 +157,7 @@ def vit_b_folder(vit_b_checkpoint, tmp_path_factory):
                          checkpoint=path)
 
 
+@pytest.mark.slow  # ~370 MB of vit_b weights written, traced, zipped and run twice
 def test_vit_b_include_base_validates_and_reimports(vit_b_folder, tmp_path, breast):
     out = bp.export_model_package(vit_b_folder, tmp_path / "vit_b.zip", include_base=True)
     result = bp.validate_model_package(out)
@@ -168,6 +169,7 @@ def test_vit_b_include_base_validates_and_reimports(vit_b_folder, tmp_path, brea
     )
 
 
+@pytest.mark.slow
 def test_vit_b_without_base_finds_checkpoint_by_name_and_hash(vit_b_folder, vit_b_checkpoint,
                                                               tmp_path, monkeypatch, breast):
     path, sha = vit_b_checkpoint
