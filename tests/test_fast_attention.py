@@ -164,6 +164,25 @@ def test_subclass_with_own_forward_is_left_alone():
     assert type(holder[0]) is Custom
 
 
+@pytest.mark.parametrize("max_mask_bytes", [1, 3000, 20_000, 10**9])
+def test_chunked_bias_with_gradient_matches_reference(max_mask_bytes):
+    # The training path keeps every bias chunk for backward; 20000 groups 2 of the 3 items
+    # per chunk (the grouping a GPU's larger budget makes at batch 4 and 1024 px).
+    torch.manual_seed(3)
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(7, 5))
+    _randomise_rel_pos(attn)
+    x = torch.randn(3, 7, 5, 32)
+    x_ref = x.clone().requires_grad_(True)
+    x_fast = x.clone().requires_grad_(True)
+    expected = attn(x_ref)
+    actual = fast_attention_forward(attn, x_fast, max_mask_bytes=max_mask_bytes)
+    _assert_close(actual, expected)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    _assert_close(x_fast.grad, x_ref.grad, rel=2e-4)
+
+
 @pytest.mark.parametrize("max_mask_bytes", [None, 1])
 def test_gradients_match_reference(max_mask_bytes):
     encoder = _small_encoder(seed=5)
@@ -237,3 +256,18 @@ def test_onednn_linear_used_only_without_gradient(monkeypatch):
     with torch.no_grad():
         assert torch.equal(fast_linear(layer, x), torch.zeros(3, 8))  # hooks are honoured
     assert calls[-1] is False
+
+
+@pytest.mark.slow
+def test_fast_attention_compiles_with_torch_compile():
+    # The fast path writes the bias into a reused buffer and calls oneDNN's linear; neither
+    # lowers in Inductor, so under torch.compile it hands both to the compiler instead.
+    torch.manual_seed(4)
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(7, 5))
+    _randomise_rel_pos(attn)
+    x = torch.randn(3, 7, 5, 32)
+    with torch.no_grad():
+        expected = attn(x)
+        enable_fast_attention(attn)
+        actual = torch.compile(attn)(x)
+    _assert_close(actual, expected)

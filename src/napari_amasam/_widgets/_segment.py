@@ -103,6 +103,11 @@ class SegmentWidget(QWidget):
         self.min_size = QSpinBox()
         self.min_size.setRange(0, 100000)
         self.device = device_combo()
+        # "model default" = the folder's config.json precision (napari_amasam.precision)
+        self.precision = QComboBox()
+        self.precision.addItems(["model default", "auto", "fp32", "bf16"])
+        self.precision.setToolTip("bf16 is faster on CUDA GPUs and on CPUs with bf16 "
+                                  "arithmetic (AVX-512 BF16, AMX); auto picks it there")
         form.addRow("Image layer", self.image_layer)
         form.addRow("Model", row)
         form.addRow("Tile size", self.tile_size)
@@ -112,6 +117,7 @@ class SegmentWidget(QWidget):
         form.addRow("Boundary threshold", self.boundary)
         form.addRow("Min size (px)", self.min_size)
         form.addRow("Device", self.device)
+        form.addRow("Precision", self.precision)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
@@ -269,16 +275,24 @@ class SegmentWidget(QWidget):
         return {"tile_size": self.tile_size.value() or None,
                 "overlap": None if self.overlap.value() < 0 else self.overlap.value()}
 
-    def predictor(self, key: tuple[str, str] | None = None):
-        """The loaded predictor for ``(model, device)`` (default: the form's; cached)."""
+    def _model_key(self) -> tuple[str, str, str | None]:
+        """``(model, device, precision)`` from the form; precision None = the model's."""
+        precision = self.precision.currentText()
+        return (self.model_name(), self.device.currentText(),
+                None if precision == "model default" else precision)
+
+    def predictor(self, key: tuple | None = None):
+        """The loaded predictor for ``(model, device[, precision])`` (default: the form's;
+        cached)."""
         from ..inference.predictor import Predictor
 
-        key = key or (self.model_name(), self.device.currentText())
+        key = key or self._model_key()
         if self._predictor_key != key:
             if key[0] == CLASSICAL:
                 self._predictor = Predictor.classical()
             else:
-                self._predictor = Predictor.from_folder(key[0], device=key[1])
+                self._predictor = Predictor.from_folder(
+                    key[0], device=key[1], precision=key[2] if len(key) > 2 else None)
             self._predictor_key = key
         return self._predictor
 
@@ -295,8 +309,8 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------------------ run
     def _cache_key(self, layer) -> tuple:
         tiling = self._tiling()
-        return (layer.name, id(layer.data), tuple(np.shape(layer.data)), self.model_name(),
-                self.device.currentText(), tiling["tile_size"], tiling["overlap"])
+        return (layer.name, id(layer.data), tuple(np.shape(layer.data)), *self._model_key(),
+                tiling["tile_size"], tiling["overlap"])
 
     def _busy(self) -> bool:
         if self.job is not None and self.job.running:
@@ -318,7 +332,7 @@ class SegmentWidget(QWidget):
         cached = self._cache["maps"] if self._cache["key"] == key else None
         # Everything the worker needs is read from the form here, on the UI thread.
         generator = self._segment_steps(image, key, cached, thresholds, self._input_mpp(layer),
-                                        (self.model_name(), self.device.currentText()),
+                                        self._model_key(),
                                         self._tiling())
         return self._start(generator, f"segmenting {layer.name}",
                            lambda result: self._show_result(layer, image, result))
@@ -440,7 +454,7 @@ class SegmentWidget(QWidget):
             return None
         generator = self._batch_steps(images, Path(output_dir), self.batch_geojson.isChecked(),
                                       self.batch_csv.isChecked(), self.thresholds(),
-                                      (self.model_name(), self.device.currentText()),
+                                      self._model_key(),
                                       self._tiling())
         return self._start(generator, f"batch: {len(images)} images", self._batch_done)
 

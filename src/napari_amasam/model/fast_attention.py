@@ -112,7 +112,8 @@ def _onednn_ok(x: torch.Tensor, layer: nn.Module) -> bool:
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
         return False
-    if not _HAS_ONEDNN_LINEAR:
+    if not _HAS_ONEDNN_LINEAR or torch.compiler.is_compiling():
+        # Inductor lowers oneDNN's linear only for constant weights; it fuses F.linear itself.
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in layer.parameters())
@@ -289,6 +290,8 @@ def rel_pos_attention(
             pieces.append(_chunk_attention(q, k, v, bias, scale, (b0, b1, r0, r1), width))
         if len(pieces) == 1:
             return pieces[0]
+        if chunks[0][2:] == (0, height):  # each chunk holds whole items
+            return torch.cat(pieces, dim=0)
         # Row chunks of one item follow each other: concatenate rows, then items.
         per_item = len(chunks) // batch
         items = [torch.cat(pieces[i * per_item : (i + 1) * per_item], dim=1) for i in range(batch)]
@@ -305,8 +308,12 @@ def rel_pos_attention(
         rows_h = rel_h[b0:b1, :, r0:r1, :, :, None]
         rows_w = rel_w[b0:b1, :, r0:r1, :, None, :]
         shape = (b1 - b0, heads, r1 - r0, width, height, width)
-        bias = buffer[: (b1 - b0) * heads * (r1 - r0) * width * tokens].view(shape)
-        torch.add(rows_h, rows_w, out=bias)
+        if torch.compiler.is_compiling():
+            # Inductor cannot lower an ``out=`` into a view of a buffer: let it plan memory.
+            bias = rows_h + rows_w
+        else:
+            bias = buffer[: (b1 - b0) * heads * (r1 - r0) * width * tokens].view(shape)
+            torch.add(rows_h, rows_w, out=bias)
         piece = _chunk_attention(q, k, v, bias, scale, (b0, b1, r0, r1), width)
         out[b0:b1, r0 * width : r1 * width].copy_(piece)
     return out
