@@ -292,7 +292,8 @@ def export_model_package(
         iio.imwrite(stage / "cover.png", _cover(test_input, test_output, folder.thresholds))
         data_citation = data_citation or _training_data_text(folder)
         (stage / "README.md").write_text(
-            _documentation(folder, channels, base, embedded, data_citation, data_licence)
+            _documentation(folder, channels, base, embedded, data_citation, data_licence),
+            encoding="utf-8",
         )
         scripted = None
         if embedded and torchscript:
