@@ -99,6 +99,30 @@ def test_windowed_block_with_padding_64_to_70():
     _assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("qkv_bias, grid", [(True, (10, 7)), (False, (9, 9)), (True, (8, 8))])
+def test_windowed_attention_projects_only_real_tokens(qkv_bias, grid):
+    """Windows are cut from q/k/v: the projection sees the H x W tokens (plus one zero token
+    for the padding), yet the block equals the reference, padded keys included."""
+    torch.manual_seed(6)
+    block = Block(24, num_heads=2, qkv_bias=qkv_bias, use_rel_pos=True, window_size=4,
+                  input_size=(4, 4))
+    _randomise_rel_pos(block)
+    x = torch.randn(2, *grid, 24)
+    seen = []
+    block.attn.qkv.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        expected = block(x)
+        reference_rows = seen.pop(0)
+        enable_fast_attention(block)
+        assert isinstance(block, fa.FastBlock)
+        actual = block(x)
+    _assert_close(actual, expected)
+    padded = [-(-n // 4) * 4 for n in grid]
+    assert reference_rows == (2 * padded[0] * padded[1] // 16, 4, 4, 24)
+    needs_padding = padded != list(grid)
+    assert seen == [(2, *grid, 24)] + ([(1, 24)] if needs_padding else [])
+
+
 def _small_encoder(seed: int = 4) -> ImageEncoderViT:
     torch.manual_seed(seed)
     # 128/16 = 8 tokens; window 3 pads 8 -> 9; blocks 1 and 3 are global.

@@ -31,8 +31,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +41,7 @@ from scipy import ndimage as ndi
 from skimage.measure import points_in_poly, regionprops
 
 from ._labels import check_label_map
+from .atomic import atomic_write
 from .qupath_import import IMAGE_SHAPE_KEY
 
 MEASUREMENT_COLUMNS = (
@@ -64,19 +63,9 @@ DEFAULT_COLOR = (255, 0, 0)
 
 
 def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file in the target folder, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Call ``write(tmp_path)`` on a temporary file in the target folder, then rename it
+    (with the user's umask; see ``napari_amasam.atomic``)."""
+    return atomic_write(path, write)
 
 
 def _grey(image: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
