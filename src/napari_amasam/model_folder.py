@@ -45,7 +45,7 @@ from .atomic import (  # noqa: F401
     check_can_create,
     remove_temp_files,
 )
-from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .config import RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from .errors import CheckpointError, OutputError
 
 FORMAT_NAME = "napari-amasam-model"
@@ -218,7 +218,7 @@ def resolve_base_checkpoint(folder: ModelFolder, checkpoint: str | Path | None) 
     For vit_* the explicit ``checkpoint`` wins, else the recorded path; its sha256 must match
     the recorded one, so a model is never silently combined with other SAM weights.
     """
-    if folder.model.backbone == "tiny":
+    if folder.model.backbone in RANDOM_BACKBONES:
         return folder.path / "base_sam.pt"
     recorded = folder.base_checkpoint
     candidate = Path(checkpoint) if checkpoint else None
