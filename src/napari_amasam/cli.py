@@ -1,4 +1,4 @@
-"""Command line: ``napari-amasam train | segment | evaluate``.
+"""Command line: ``napari-amasam train | segment | evaluate | export-model``.
 
 Bad arguments and bad data exit non-zero with a short message and no traceback
 (``NAPARI_AMASAM_DEBUG=1`` shows the traceback).
@@ -168,7 +168,8 @@ def cmd_train(args) -> int:
 def add_segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="segment nuclei in images with a model folder or the classical baseline")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--model", required=True, help="model folder, or 'classical'")
+    p.add_argument("--model", required=True,
+                   help="model folder, bioimage.io package (.zip or folder) exported by export-model, or 'classical'")
     p.add_argument("--checkpoint", help="base SAM checkpoint (if not at the recorded path)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--geojson", action="store_true", help="also write QuPath GeoJSON")
@@ -286,7 +287,7 @@ def cmd_segment(args) -> int:
             continue
         write_labels_tiff(out / f"{path.stem}_labels.tif", labels)
         if args.geojson:
-            write_geojson(out / f"{path.stem}.geojson", labels, image=image)
+            write_geojson(out / f"{path.stem}.geojson", labels, image=image, mpp=args.mpp)
         if args.csv:
             write_csv(out / f"{path.stem}.csv", labels, image=image)
         n = int(labels.max())
@@ -363,6 +364,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- export-model
+def add_export_model_parser(sub) -> None:
+    p = sub.add_parser("export-model", help="write a model folder as a bioimage.io model package")
+    p.add_argument("--model", required=True, help="trained model folder")
+    p.add_argument("--out", required=True, help="package to write: NAME.zip (or a folder)")
+    p.add_argument("--include-base", action="store_true",
+                   help="embed the base SAM weights (Apache-2.0) instead of recording their name + sha256")
+    p.add_argument("--checkpoint", help="base SAM checkpoint (if not at the recorded path)")
+    p.add_argument("--test-image", help="real image for the test tensors and cover (default: bundled sample)")
+    p.add_argument("--name", help="package name")
+    p.add_argument("--author", action="append", default=None, help="author name (repeatable)")
+    p.add_argument("--data-citation", help="training data reference, e.g. 'MoNuSeg 2018 (Kumar et al.)'")
+    p.add_argument("--data-licence", default="unspecified", help="training data licence (SPDX id)")
+    p.add_argument("--licence", default="BSD-3-Clause", help="package licence (SPDX id)")
+    p.add_argument("--no-torchscript", action="store_true", help="state-dict weights only")
+    p.add_argument("--no-validate", action="store_true", help="skip the bioimageio.core check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export_model)
+
+
+def cmd_export_model(args) -> int:
+    from .bioimageio_package import export_model_package, validate_model_package
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        return _fail(f"{out}: already exists (pass --overwrite to replace it)")
+    t0 = time.perf_counter()
+    path = export_model_package(
+        args.model, out, include_base=args.include_base, checkpoint=args.checkpoint,
+        test_image=args.test_image, name=args.name, authors=args.author,
+        data_citation=args.data_citation, data_licence=args.data_licence, licence=args.licence,
+        torchscript=not args.no_torchscript,
+    )
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
+    if args.no_validate:
+        return 0
+    result = validate_model_package(path)
+    for line in result["checks"]:
+        print(f"  {line}")
+    if not result["passed"]:
+        for failure in result["failures"]:
+            print(f"failed: {failure}", file=sys.stderr)
+        return 1
+    print("bioimageio.core: package valid, test outputs reproduced")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -373,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_segment_parser(sub)
     add_evaluate_parser(sub)
+    add_export_model_parser(sub)
     return parser
 
 
