@@ -293,10 +293,10 @@ def test_segment_tiny_model_rethreshold_skips_network(make_napari_viewer, tiny_m
 
 def test_segment_batch_over_a_folder(make_napari_viewer, primary_folder, tmp_path):
     segment = _dock(make_napari_viewer(), "Segment nuclei")
-    segment.batch_geojson.setChecked(True)
-    segment.batch_csv.setChecked(True)
+    segment.batch.geojson.setChecked(True)
+    segment.batch.csv.setChecked(True)
     out = tmp_path / "batch"
-    segment.run_batch(str(primary_folder / "images"), str(out))
+    segment.batch.run(str(primary_folder / "images"), str(out))
     assert segment.last_error is None, segment.status.text()
     for i in range(4):
         labels = tifffile.imread(out / f"crop{i}_labels.tif")
@@ -318,14 +318,23 @@ def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, prim
     corrected[:20, :20] = corrected.max() + 1  # a user's brush stroke: a new nucleus
     viewer.layers["breast nuclei"].data = corrected
 
-    # The default destination is the primary folder recorded in the model's config.json.
+    # Defect 4: the default destination is a new folder beside the model, never the model's
+    # (possibly curated) primary folder, which stays untouched.
     segment.model.setCurrentText(str(tiny_model))
-    assert Path(segment.training_folder()) == primary_folder
+    segment._model_changed(str(tiny_model))
+    default = Path(segment.training_data.training_folder())
+    assert default == tiny_model.with_name(f"{tiny_model.name}_added_data")
+    assert default != primary_folder and not default.exists()
+    before = sorted(p.name for p in primary_folder.rglob("*"))
+    written = segment.training_data.add(name="default_pair")
+    assert written is not None and written[0].parent.parent == default
+    assert sorted(p.name for p in primary_folder.rglob("*")) == before
+    shutil.rmtree(default)
 
     folder = tmp_path / "mydata"
     shutil.copytree(primary_folder, folder)
-    segment.data_folder.setText(str(folder))
-    written = segment.add_to_training_data(name="corrected_1")
+    segment.training_data.folder.setText(str(folder))
+    written = segment.training_data.add(name="corrected_1")
     assert written is not None, segment.status.text()
     image_path, label_path = written
     assert image_path == folder / "images" / "corrected_1.png"
@@ -337,14 +346,14 @@ def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, prim
     # The same name again: refused with a message, nothing overwritten.
     before = label_path.read_bytes()
     viewer.layers["breast nuclei"].data = np.zeros_like(corrected)
-    assert segment.add_to_training_data(name="corrected_1") is None
+    assert segment.training_data.add(name="corrected_1") is None
     assert "already exists" in str(segment.last_error)
     assert "corrected_1" in str(segment.last_error)
     assert label_path.read_bytes() == before
 
     # Fine-tune the current model with that folder: a new model folder next to it.
     segment.device.setCurrentText("cpu")
-    segment.fine_tune(epochs=1)
+    segment.training_data.fine_tune(epochs=1)
     assert segment.last_error is None, segment.status.text()
     new = tiny_model.with_name(f"{tiny_model.name}_finetuned")
     assert (new / "weights.pt").is_file()
@@ -358,8 +367,8 @@ def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, prim
 
 def test_fine_tune_refuses_classical(make_napari_viewer):
     segment = _dock(make_napari_viewer(), "Segment nuclei")
-    assert not segment.finetune_button.isEnabled()
-    assert segment.fine_tune() is None
+    assert not segment.training_data.finetune_button.isEnabled()
+    assert segment.training_data.fine_tune() is None
     assert "classical" in str(segment.last_error)
 
 

@@ -176,6 +176,7 @@ class HRDecoder(nn.Module):
         image_pe: torch.Tensor,
         coarse_logits: torch.Tensor,
         image: torch.Tensor | None = None,
+        sparse_prompt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode full-resolution logits.
 
@@ -193,6 +194,9 @@ class HRDecoder(nn.Module):
             (B, 1, 4h, 4w).
         image : Tensor, optional
             (B, 3, 16h, 16w) normalised input; required when ``fuse_image``.
+        sparse_prompt : Tensor, optional
+            (B, N, 256) point/box tokens from SAM's prompt encoder, appended to the output
+            tokens as SAM's mask decoder does (interactive correction, inference/prompting.py).
 
         Returns
         -------
@@ -207,13 +211,15 @@ class HRDecoder(nn.Module):
         n_sam = sam_tokens.shape[0]
         tokens = torch.cat([sam_tokens, self.slice_tokens], dim=0)
         tokens = tokens.unsqueeze(0).expand(batch, -1, -1)
+        if sparse_prompt is not None:
+            tokens = torch.cat([tokens, sparse_prompt.to(tokens.dtype)], dim=1)
         src = embedding + dense_prompt
         pos = image_pe.expand(batch, -1, -1, -1)
         if self.decoder_adapter is not None:
             hs, src = self.decoder_adapter(self.transformer, src, pos, tokens)
         else:
             hs, src = self.transformer(src, pos, tokens)
-        slice_out = hs[:, n_sam:]  # B, 16*num_maps, 256
+        slice_out = hs[:, n_sam : n_sam + self.slice_tokens.shape[0]]  # B, 16*num_maps, 256
         src = src.transpose(1, 2).reshape(batch, dim, h, w)
 
         features = (
