@@ -65,6 +65,7 @@ def tip(widget: QWidget, text: str) -> QWidget:
     """Set ``widget``'s tooltip (and that of a PathPicker's parts); returns the widget."""
     widget.setToolTip(text)
     for part in ("edit", "button"):
-        if hasattr(widget, part):
-            getattr(widget, part).setToolTip(text)
+        child = getattr(widget, part, None)
+        if isinstance(child, QWidget):
+            child.setToolTip(text)
     return widget
