@@ -495,18 +495,27 @@ def test_job_cancel_stops_a_generator_at_its_next_record(engine_watches_cancel):
 
 # ------------------------------------------------------------- issue 15: as a pathologist
 def _controls(widget):
-    """Every input control inside a dock widget."""
-    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit
+    """Every input control inside a dock widget (not the parts of combos, spin boxes or
+    tables)."""
+    from qtpy.QtWidgets import (
+        QAbstractButton,
+        QAbstractItemView,
+        QAbstractSpinBox,
+        QComboBox,
+        QLineEdit,
+        QWidget,
+    )
+
+    def is_part(w):
+        parent = w.parent()
+        while parent is not None and parent is not widget:
+            if isinstance(parent, (QComboBox, QAbstractSpinBox, QAbstractItemView)):
+                return True
+            parent = parent.parent()
+        return False
 
     kinds = (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit)
-    return [w for w in widget.findChildren(QWidget_()) if isinstance(w, kinds)
-            and not (isinstance(w.parent(), QComboBox) or type(w).__name__ == "QToolButton")]
-
-
-def QWidget_():  # noqa: N802 (imported late: Qt needs the application first)
-    from qtpy.QtWidgets import QWidget
-
-    return QWidget
+    return [w for w in widget.findChildren(QWidget) if isinstance(w, kinds) and not is_part(w)]
 
 
 def test_edits_survive_rethresholding(make_napari_viewer, tiny_model):
@@ -676,6 +685,7 @@ def test_smaller_items(make_napari_viewer, tmp_path, monkeypatch):
     segment.model.lineEdit().textEdited.emit("x")
     assert segment.model_status.text() == ""
     # Export adds the extension of the chosen format.
+    segment.model.setCurrentText("classical")
     segment.run()
     monkeypatch.setattr(QFileDialog, "getSaveFileName",
                         staticmethod(lambda *a, **k: (str(tmp_path / "nuclei"),
@@ -747,7 +757,7 @@ def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
     segment = _dock(viewer, "Segment nuclei")
     segment.model.setCurrentText(str(tiny_model))
     segment.device.setCurrentText("cpu")
-    segment.foreground.setValue(0.05)  # the 2-step tiny model is unsure everywhere
+    segment.foreground.setValue(0.0)  # the 2-step tiny model is unsure everywhere
     segment.run()
     layer = viewer.layers["breast nuclei"]
     before = np.asarray(layer.data).copy()
@@ -756,8 +766,8 @@ def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
     model.sam.image_encoder.patch_embed.register_forward_hook(
         lambda *a: encoder_calls.append(1))
     points, boxes = segment.prompts.add_prompt_layers()
-    # A box (world coordinates: the sample's scale is 0.25 um/px) -> one nucleus, new id.
-    boxes.add_rectangles(np.array([[40, 40], [70, 70]]) * 0.25)
+    # A box (in the prompt layer's data coordinates, i.e. image pixels) -> one nucleus.
+    boxes.add_rectangles(np.array([[40, 40], [70, 70]]))
     commit = segment.prompts.last_commit
     assert segment.last_error is None, segment.status.text()
     assert commit is not None, segment.status.text()
@@ -772,7 +782,7 @@ def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
     # encoder run (cached embedding).
     r, c = rows[len(rows) // 2], cols[len(cols) // 2]
     segment.prompts.point_type.setCurrentText("negative")
-    points.add(np.array([[r, c]]) * 0.25)
+    points.add(np.array([[r, c]]))
     second = segment.prompts.last_commit
     assert second["id"] != new_id and second["replaced"] == new_id
     after = np.asarray(layer.data)

@@ -55,6 +55,7 @@ class Section(QCollapsible):
         self.form.setContentsMargins(8, 0, 0, 0)
         self.addWidget(inner)
         self.setDuration(0)  # no animation: sizes are final at once (and in tests)
+        self._toggle_btn.setToolTip(f"Show or hide '{title}'")
         if expanded:
             self.expand(animate=False)
         else:

@@ -90,7 +90,8 @@ class PromptSection(Section):
             return None, None
         points, box = self.prompt_layers()
         space = dict(scale=tuple(image_layer.scale[-2:]),
-                     translate=tuple(image_layer.translate[-2:]))
+                     translate=tuple(image_layer.translate[-2:]),
+                     units=tuple(image_layer.units[-2:]))
         names = self._names()
         if points is None:
             points = owner.viewer.add_points(
@@ -112,7 +113,7 @@ class PromptSection(Section):
             points.feature_defaults = {"prompt": kind}
 
     def _prompt_added(self, event) -> None:
-        action = str(getattr(event, "action", "added"))
+        action = str(getattr(event, "action", "added")).lower()
         if self.auto.isChecked() and action.endswith("added"):
             self.segment_prompt()
 

@@ -19,7 +19,8 @@ does it in two parts:
      foreground component under it at half the threshold);
    - a box: the instance with the largest area inside the box, clipped to the box;
    - negative points: pixels of the result closer to a negative point than to any
-     positive one are removed (a negative point splits off what it touches).
+     positive one (with a box alone: than to the pixel farthest from the negative points)
+     are removed, so a negative point splits off what it touches.
 
 No Qt here: the Segment widget runs :meth:`PromptSession.segment` in a worker thread and
 commits the mask into its Labels layer.
@@ -306,11 +307,12 @@ class PromptSession:
                 if len(ids):
                     mask = weak == ids[np.argmax(counts)]
         if negatives and mask.any():
-            seeds = positives or [(int(np.mean(np.nonzero(mask)[0])),
-                                   int(np.mean(np.nonzero(mask)[1])))]
             rows, cols = np.nonzero(mask)
-            to_pos = np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in seeds], axis=0)
             to_neg = np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in negatives], axis=0)
+            # Without positive points the part farthest from the negative ones is the sure one.
+            far = int(np.argmax(to_neg))
+            seeds = positives or [(int(rows[far]), int(cols[far]))]
+            to_pos = np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in seeds], axis=0)
             mask[rows[to_neg < to_pos], cols[to_neg < to_pos]] = False
             if positives:  # keep the part connected to the positive points
                 parts, _ = ndimage.label(mask)
