@@ -706,7 +706,10 @@ def test_smaller_items(make_napari_viewer, tmp_path, monkeypatch):
     # ... or from the file's resolution tags.
     path = tmp_path / "tagged.tif"
     tifffile.imwrite(path, image[:64, :64], resolution=(20000, 20000), resolutionunit="CENTIMETER")
-    layer = viewer.open(str(path), plugin="napari")[0]
+    from napari.layers._source import layer_source
+
+    with layer_source(path=str(path)):  # as napari's file readers do
+        layer = viewer.add_image(tifffile.imread(path), name="tagged", rgb=True)
     segment.image_layer.setCurrentText(layer.name)
     assert segment.pixel_size.value() == pytest.approx(0.5)
     # Train defaults on a CPU without a checkpoint: the tiny encoder, trained, as make demo.

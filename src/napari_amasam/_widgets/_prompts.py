@@ -126,14 +126,11 @@ class PromptSection(Section):
         points = np.zeros((0, 2))
         positive = np.zeros(0, bool)
         if points_layer is not None and len(points_layer.data):
-            world = points_layer.data_to_world(np.asarray(points_layer.data)) \
-                if hasattr(points_layer, "data_to_world") else np.asarray(points_layer.data)
-            points = np.asarray(image_layer.world_to_data(world))[:, -2:]
+            points = _to_pixels(np.asarray(points_layer.data), points_layer, image_layer)
             positive = points_layer.features["prompt"].to_numpy() == POSITIVE
         box = None
         if box_layer is not None and len(box_layer.data):
-            corners = np.asarray(box_layer.data[-1])[:, -2:]
-            corners = np.asarray(image_layer.world_to_data(box_layer.data_to_world(corners)))
+            corners = _to_pixels(np.asarray(box_layer.data[-1]), box_layer, image_layer)
             box = np.array([*corners.min(axis=0), *corners.max(axis=0)])
         return Prompt(points, positive, box)
 
@@ -217,6 +214,13 @@ class PromptSection(Section):
         if self._pending:
             self._pending = False
             self.segment_prompt()
+
+
+def _to_pixels(coords: np.ndarray, layer, image_layer) -> np.ndarray:
+    """``(N, 2)`` data coordinates of ``layer`` -> pixel (row, column) of ``image_layer``
+    (through both layers' scale and translate)."""
+    world = coords[:, -2:] * np.asarray(layer.scale[-2:]) + np.asarray(layer.translate[-2:])
+    return (world - np.asarray(image_layer.translate[-2:])) / np.asarray(image_layer.scale[-2:])
 
 
 def _empty_features():
