@@ -799,3 +799,19 @@ def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
     segment.model.setCurrentText("classical")
     assert segment.prompts.segment_prompt() is None
     assert "trained model" in str(segment.last_error)
+
+
+def test_empty_auxiliary_folder_error_names_that_folder(make_napari_viewer, primary_folder,
+                                                       tmp_path):
+    """Defect 8: the error of an empty auxiliary folder starts with its own path."""
+    train = _dock(make_napari_viewer(), "Train")
+    empty = tmp_path / "empty_aux"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    train.primary.setText(str(primary_folder))
+    train.add_aux_folder(str(empty))
+    train.output.setText(str(tmp_path / "out"))
+    train.start()
+    assert train.last_error is not None
+    assert str(train.last_error).startswith(str(empty)), str(train.last_error)
+    assert not (tmp_path / "out").exists()
