@@ -815,3 +815,14 @@ def test_empty_auxiliary_folder_error_names_that_folder(make_napari_viewer, prim
     assert train.last_error is not None
     assert str(train.last_error).startswith(str(empty)), str(train.last_error)
     assert not (tmp_path / "out").exists()
+
+
+def test_train_status_says_what_follows_the_last_step(make_napari_viewer):
+    """Defect 8: no 'eta 0 s' during the final validation and threshold tuning."""
+    train = _dock(make_napari_viewer(), "Train")
+    record = {"stage": "train", "epoch": 2, "epochs": 2, "step": 9, "total_steps": 10,
+              "loss": 0.5, "eta_s": 3.0}
+    train._on_record(record)
+    assert "eta 3 s" in train.status.text()
+    train._on_record({**record, "step": 10, "eta_s": 0.0})
+    assert "eta" not in train.status.text() and "validating" in train.status.text()
