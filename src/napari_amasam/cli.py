@@ -154,6 +154,9 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the inputs")
     p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="inference precision (default: the model folder's; auto = bf16 where "
+                        "the device computes it natively, else fp32)")
     p.set_defaults(func=cmd_segment)
 
 
@@ -172,7 +175,8 @@ def cmd_segment(args) -> int:
     if args.model == "classical":
         predictor = Predictor.classical()
     else:
-        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device)
+        predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device,
+                                          precision=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for problem in problems:

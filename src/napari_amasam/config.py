@@ -76,6 +76,9 @@ class ModelConfig:
         Run SAM's attention and MLP blocks through the exact fused CPU/GPU path of
         ``model.fast_attention`` (same weights, same results to float tolerance, ~1.9x faster
         vit_b encoder on CPU). Off = segment_anything's reference forward.
+    precision : str
+        Default inference precision of this model: ``auto``, ``fp32`` or ``bf16`` (see
+        ``napari_amasam.precision``); the predictor, CLI and widget can override it.
     """
 
     backbone: str = "vit_b"
@@ -101,9 +104,12 @@ class ModelConfig:
     train_decoder_transformer: bool = False
     trainable_backbone: bool = False
     fast_attention: bool = True
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.tiny_global_attn = tuple(self.tiny_global_attn)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
         if self.backbone not in ("tiny", "vit_b", "vit_l", "vit_h"):
             raise ConfigError(
                 f"backbone must be tiny, vit_b, vit_l or vit_h, not {self.backbone!r}"

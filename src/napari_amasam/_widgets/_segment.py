@@ -41,13 +41,15 @@ if TYPE_CHECKING:
 CLASSICAL = "classical"
 
 
-def load_predictor(model_key: tuple[str, str]):
-    """The engine's predictor for ``(model folder or 'classical', device)`` (worker-side)."""
+def load_predictor(model_key: tuple):
+    """The engine's predictor for ``(model folder or 'classical', device[, precision])``
+    (worker-side; precision None = the model folder's)."""
     from ..inference.predictor import Predictor
 
     if model_key[0] == CLASSICAL:
         return Predictor.classical()
-    return Predictor.from_folder(model_key[0], device=model_key[1])
+    precision = model_key[2] if len(model_key) > 2 else None
+    return Predictor.from_folder(model_key[0], device=model_key[1], precision=precision)
 
 
 @dataclasses.dataclass
@@ -56,7 +58,7 @@ class Segmentation:
 
     key: tuple
     predictor: Any
-    predictor_key: tuple[str, str]
+    predictor_key: tuple
     labels: np.ndarray
     maps: Any
     features: Any
@@ -178,9 +180,15 @@ class SegmentWidget(ScrollableDock):
         self.overlap.setSpecialValueText("auto")
         self.device = tip(device_combo(), "Where the network runs (auto: CUDA, then MPS, "
                           "then CPU)")
+        # "model default" = the folder's config.json precision (napari_amasam.precision)
+        self.precision = tip(QComboBox(), "bf16 is faster on CUDA GPUs and on CPUs with bf16 "
+                             "arithmetic (AVX-512 BF16, AMX); auto picks it there; model "
+                             "default: the model folder's setting")
+        self.precision.addItems(["model default", "auto", "fp32", "bf16"])
         tiling.form.addRow("Tile size", self.tile_size)
         tiling.form.addRow("Overlap", self.overlap)
         tiling.form.addRow("Device", self.device)
+        tiling.form.addRow("Precision", self.precision)
         self.content.addWidget(tiling)
 
         self.status = QLabel("")
@@ -306,11 +314,15 @@ class SegmentWidget(ScrollableDock):
         return {"tile_size": self.tile_size.value() or None,
                 "overlap": None if self.overlap.value() < 0 else self.overlap.value()}
 
-    def model_key(self) -> tuple[str, str]:
-        return (self.model_name(), self.device.currentText())
+    def model_key(self) -> tuple[str, str, str | None]:
+        """``(model, device, precision)`` from the form; precision None = the model's."""
+        precision = self.precision.currentText()
+        return (self.model_name(), self.device.currentText(),
+                None if precision == "model default" else precision)
 
-    def predictor(self, key: tuple[str, str] | None = None):
-        """The loaded predictor for ``(model, device)`` (default: the form's; cached).
+    def predictor(self, key: tuple | None = None):
+        """The loaded predictor for ``(model, device[, precision])`` (default: the form's;
+        cached).
 
         UI thread only; jobs get the cached one (or None) and load in the worker.
         """
@@ -319,7 +331,7 @@ class SegmentWidget(ScrollableDock):
             self._keep_predictor(load_predictor(key), key)
         return self._predictor
 
-    def cached_predictor(self, key: tuple[str, str]):
+    def cached_predictor(self, key: tuple):
         """The already loaded predictor for ``key``, or None (a job then loads one)."""
         return self._predictor if self._predictor_key == key else None
 
@@ -340,9 +352,8 @@ class SegmentWidget(ScrollableDock):
     # ------------------------------------------------------------------------------ run
     def _cache_key(self, layer) -> tuple:
         tiling = self._tiling()
-        return (layer.name, id(layer.data), tuple(np.shape(layer.data)), self.model_name(),
-                self.device.currentText(), tiling["tile_size"], tiling["overlap"],
-                self.input_mpp())
+        return (layer.name, id(layer.data), tuple(np.shape(layer.data)), *self.model_key(),
+                tiling["tile_size"], tiling["overlap"], self.input_mpp())
 
     def busy(self) -> bool:
         if self.job is not None and self.job.running:

@@ -3,7 +3,8 @@
 Steps (method.md sections 5 and 6.4)::
 
     image (any dtype/channels) -> H x W x 3 uint8 -> [rescale to the model's mpp]
-      -> overlapping tiles, batched through the network (inference mode, autocast on CUDA)
+      -> overlapping tiles, batched through the network (inference mode, autocast per
+         ``precision``: fp32, bf16, or auto = bf16 where the device computes it natively)
       -> logits blended across tiles -> [resize to H x W, bilinear] -> sigmoid -> Maps
       -> instances_from_maps (at native resolution, pixel constants scaled) -> labels
 
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig, PostprocessConfig
-from ..device import autocast_dtype, resolve_device
+from ..device import resolve_device
 from ..errors import AmaSamError
+from ..precision import autocast_dtype_for, check_precision, precision_context
 from .tiling import TileStitcher, tile_grid
 
 #: Microns per pixel the classical baseline's pixel constants assume (40x, method.md 5).
@@ -150,6 +152,9 @@ class Predictor:
         Microns per pixel of the training data (None: unknown, images are used as they are).
     device : str or torch.device
         ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    precision : str or None
+        ``fp32``, ``bf16`` or ``auto`` (see ``napari_amasam.precision``); None: the model
+        config's ``precision`` (``auto`` when there is no config).
     """
 
     def __init__(
@@ -159,8 +164,15 @@ class Predictor:
         thresholds: PostprocessConfig | None = None,
         mpp: float | None = None,
         device: str | torch.device = "auto",
+        precision: str | None = None,
     ):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        if precision is None:
+            precision = model_config.precision if model_config is not None else "auto"
+        #: the requested precision (``auto``, ``fp32`` or ``bf16``)
+        self.precision = check_precision(precision)
+        #: what it means on this device: the autocast dtype, None for float32
+        self.autocast_dtype = autocast_dtype_for(self.precision, self.device)
         self.model_config = model_config
         self.thresholds = thresholds if thresholds is not None else PostprocessConfig()
         self.mpp = _check_mpp(mpp, "model mpp")
@@ -178,6 +190,7 @@ class Predictor:
         model_dir: str | Path,
         checkpoint: str | Path | None = None,
         device: str | torch.device = "auto",
+        precision: str | None = None,
     ) -> Predictor:
         """Load a trained model folder (see ``napari_amasam.model_folder``).
 
@@ -188,6 +201,8 @@ class Predictor:
         checkpoint : str or Path, optional
             Official SAM checkpoint for vit_* backbones, if not at its recorded path.
         device : str or torch.device
+        precision : str or None
+            ``fp32``, ``bf16`` or ``auto``; None: the folder's ``config.json`` default.
 
         Raises
         ------
@@ -198,8 +213,10 @@ class Predictor:
         from ..model_folder import load_model
 
         resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        if precision is not None:
+            check_precision(precision)  # before the (slow) model build
         model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)
-        return cls(model, folder.model, folder.thresholds, folder.mpp, resolved)
+        return cls(model, folder.model, folder.thresholds, folder.mpp, resolved, precision)
 
     @classmethod
     def classical(cls, cfg: Any = None, mpp: float | None = CLASSICAL_MPP) -> Predictor:
@@ -215,7 +232,7 @@ class Predictor:
         mpp : float or None
             Resolution its pixel constants assume (40x by default).
         """
-        predictor = cls(None, None, None, mpp, "cpu")
+        predictor = cls(None, None, None, mpp, "cpu", "fp32")
         predictor._classical_cfg = cfg
         return predictor
 
@@ -253,10 +270,7 @@ class Predictor:
         return tile, overlap
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = autocast_dtype(self.device)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return precision_context(self.autocast_dtype, self.device)
 
     def _run_batch(self, batch: np.ndarray) -> np.ndarray:
         """``(B, S, S, 3) uint8`` tiles -> ``(B, C, S, S) float32`` logits on the CPU."""
