@@ -571,7 +571,7 @@ def test_three_docked_widgets_fit_a_1600x1000_window(make_napari_viewer, qtbot):
     for dock in docks:
         assert dock.minimumSizeHint().height() <= DOCK_MIN_HEIGHT
         controls = _controls(dock)
-        assert len(controls) > 3
+        assert len(controls) >= 3
         # Each control sits in the dock's scroll area, so scrolling reaches it.
         assert all(dock.scroll.widget().isAncestorOf(c) for c in controls)
         dock.scroll.ensureWidgetVisible(controls[-1])
@@ -682,7 +682,7 @@ def test_smaller_items(make_napari_viewer, tmp_path, monkeypatch):
     segment.model.setEditText(str(tmp_path / "nope"))
     segment.model.lineEdit().editingFinished.emit()
     assert "nope" in segment.model_status.text()
-    segment.model.lineEdit().textEdited.emit("x")
+    segment.model.setEditText(str(tmp_path / "nope2"))  # typing on
     assert segment.model_status.text() == ""
     # Export adds the extension of the chosen format.
     segment.model.setCurrentText("classical")

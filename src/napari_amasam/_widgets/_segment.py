@@ -123,10 +123,9 @@ class SegmentWidget(ScrollableDock):
         self.model.setMinimumContentsLength(28)
         self.model.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.model.addItem(CLASSICAL)
-        self.model.currentIndexChanged.connect(lambda *_: self._model_changed(self.model_name()))
+        self.model.currentTextChanged.connect(self._model_text_changed)
         self.model.lineEdit().editingFinished.connect(
             lambda: self._model_changed(self.model_name()))
-        self.model.lineEdit().textEdited.connect(lambda *_: self.model_status.setText(""))
         browse = tip(QPushButton("Browse…"), "Choose a trained model folder")
         browse.clicked.connect(self._browse_model)
         row = QHBoxLayout()
@@ -258,17 +257,32 @@ class SegmentWidget(ScrollableDock):
             self._model_changed(folder)
 
     def _on_model_trained(self, folder: str) -> None:
+        self._shown_model = None  # a folder trained again in place: re-read its thresholds
         self._add_model_choice(folder, select=True)
         self.status.setText(f"new model available: {folder}")
 
     def model_name(self) -> str:
         return self.model.currentText().strip() or CLASSICAL
 
+    def _model_text_changed(self, text: str) -> None:
+        """A picked or typed model: load it once it is one; while typing, no stale error."""
+        from pathlib import Path
+
+        name = text.strip() or CLASSICAL
+        if name == CLASSICAL or (Path(name) / "config.json").is_file():
+            self._model_changed(name)
+        else:
+            self.model_status.setText("")
+
     def _model_changed(self, name: str) -> None:
-        """Fill the thresholds from the model folder's thresholds.json."""
+        """Fill the thresholds from the model folder's thresholds.json (once per model, so
+        leaving the model box does not reset thresholds the user has edited)."""
         from ..config import PostprocessConfig
 
         name = name.strip() or CLASSICAL
+        if name == getattr(self, "_shown_model", None):
+            return
+        self._shown_model = name
         classical = name == CLASSICAL
         thresholds = PostprocessConfig()
         self.model_status.setText("")
