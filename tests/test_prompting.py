@@ -128,3 +128,31 @@ def test_cached_embedding_reproduces_the_model_forward():
             sparse_prompt=torch.zeros(1, 0, 256))
     torch.testing.assert_close(fine, expected.fine_logits)
     torch.testing.assert_close(distance, expected.distance_logits)
+
+
+def test_regional_decode_equals_the_full_decoder():
+    """The decoder run on the prompt's cells (plus halo) gives the full decoder's values."""
+    from napari_amasam.model.amasam import build_amasam
+
+    torch.manual_seed(0)
+    model = build_amasam(ModelConfig(**TINY)).eval()
+    image = (np.random.default_rng(1).random((128, 128, 3)) * 255).astype(np.uint8)
+    session = PromptSession(model, image)
+    cached = session.embedding((0, 0))
+    prompt = Prompt([[70, 40], [80, 50]], [True, False], box=[60, 30, 90, 60])
+    full = session.decode(prompt, cached)
+    # The full path equals HRDecoder.forward with the same prompt tokens.
+    points = torch.tensor([[[40.0, 70.0], [50.0, 80.0]]])
+    sparse, _ = model.sam.prompt_encoder(points=(points, torch.tensor([[1, 0]])),
+                                         boxes=torch.tensor([[30.0, 60.0, 60.0, 90.0]]),
+                                         masks=None)
+    with torch.no_grad():
+        fine, distance = model.hr_decoder(
+            cached.embedding, cached.early, cached.dense, model.sam.prompt_encoder.get_dense_pe(),
+            cached.coarse, cached.image, sparse_prompt=sparse)
+    expected = torch.sigmoid(torch.cat([fine, distance], dim=1)[0]).numpy()
+    np.testing.assert_allclose(full, expected, atol=1e-5)
+    for region in [(50, 100, 20, 70), (0, 20, 100, 128), (33, 34, 65, 97)]:
+        a, b, c, d = region
+        np.testing.assert_allclose(session.decode(prompt, cached, region),
+                                   full[:, a:b, c:d], atol=1e-5)

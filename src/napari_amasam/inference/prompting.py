@@ -12,8 +12,12 @@ does it in two parts:
 2. *Per prompt* (:meth:`PromptSession.segment`): SAM's prompt encoder turns the points
    (positive/negative) and the box into sparse tokens, which join the HR-Decoder's output
    tokens (as SAM's mask decoder appends them) on the cached embedding; no encoder run.
-   The decoded foreground / centre / boundary maps are post-processed around the prompt
-   only, and the prompt picks its nucleus:
+   Only the embedding cells around the prompt go through the decoder's upsampling and
+   full-resolution refinement (its convolutions are local, so with a one-cell halo the
+   result equals the full decoder's there); the prompt-independent parts (E and F_early
+   upsampled, the coarse map) are cached with the window. The decoded foreground / centre
+   / boundary maps are post-processed around the prompt only, and the prompt picks its
+   nucleus:
 
    - positive points: the instance under each point (a point on background takes the
      foreground component under it at half the threshold);
@@ -34,12 +38,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import PostprocessConfig
 from ..errors import AmaSamError
 
-#: Windows kept in the embedding cache (vit_b at 1024 px: about 30 MB each).
-CACHED_WINDOWS = 8
+#: Windows kept in the embedding cache (vit_b at 1024 px: about 110 MB each).
+CACHED_WINDOWS = 4
+#: Embedding cells (16 px each) decoded beyond the prompt's region: the decoder's 3x3
+#: convolutions reach 2 px at S/4 and 2 px at S, both inside one cell.
+HALO_CELLS = 1
 #: Margin (pixels at the model's resolution) post-processed around the prompt.
 LOCAL_MARGIN = 48
 
@@ -106,6 +114,9 @@ class WindowEmbedding:
     coarse: torch.Tensor  # 1 x 1 x S/4 x S/4 logits
     dense: torch.Tensor  # 1 x 256 x S/16 x S/16 dense prompt
     image: torch.Tensor  # 1 x 3 x S x S normalised window
+    prior: torch.Tensor  # 1 x 32 x S/4 x S/4: convT(E) + convT(F_early) of the HR-Decoder
+    feature_up: torch.Tensor  # 1 x 16 x S x S: the HR-Decoder's F_up
+    coarse_up: torch.Tensor  # 1 x 1 x S x S: the coarse logits upsampled
 
 
 @dataclass
@@ -190,7 +201,14 @@ class PromptSession:
         if getattr(model, "alignment_layer", None) is not None:
             embedding = model.alignment_layer(embedding)
         coarse = model.coarse_head(embedding)
-        cached = WindowEmbedding(origin, embedding, early, coarse, model.dense_prompt(coarse), x)
+        decoder = model.hr_decoder
+        full = (size, size)
+        prior = decoder.embedding_up(embedding) + decoder.early_up(early)
+        feature_up = F.interpolate(decoder.feature_proj(embedding), size=full, mode="bilinear",
+                                   align_corners=False)
+        coarse_up = F.interpolate(coarse, size=full, mode="bilinear", align_corners=False)
+        cached = WindowEmbedding(origin, embedding, early, coarse, model.dense_prompt(coarse), x,
+                                 prior, feature_up, coarse_up)
         self.encoder_runs += 1
         self._cache[origin] = cached
         while len(self._cache) > CACHED_WINDOWS:
@@ -204,10 +222,26 @@ class PromptSession:
 
     # ------------------------------------------------------------------------- decoding
     @torch.inference_mode()
-    def decode(self, prompt: Prompt, cached: WindowEmbedding) -> np.ndarray:
-        """Prompted maps of the window: ``(C, S, S) float32`` probabilities
-        (foreground, and centre/boundary distances when the model has them)."""
-        model = self.model
+    def decode(self, prompt: Prompt, cached: WindowEmbedding,
+               region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Prompted maps: ``(C, rows, cols) float32`` probabilities (foreground, and
+        centre/boundary distances when the model has them) of ``region``
+        ``(row0, row1, col0, col1)`` of the window (default: all of it).
+
+        The HR-Decoder's steps (model/hr_decoder.py) with the prompt tokens appended, the
+        transformer on the whole embedding and everything after it on the region's cells
+        plus a halo; ``tests/test_prompting.py`` checks it against ``HRDecoder.forward``.
+        """
+        from ..model.hr_decoder import pixel_ensemble
+
+        model, size = self.model, self.size
+        decoder = model.hr_decoder
+        sam = decoder.sam_decoder
+        a, b, c, d = region if region is not None else (0, size, 0, size)
+        cells = size // 16
+        ha, hb = max(a // 16 - HALO_CELLS, 0), min(-(-b // 16) + HALO_CELLS, cells)
+        hc, hd = max(c // 16 - HALO_CELLS, 0), min(-(-d // 16) + HALO_CELLS, cells)
+
         y0, x0 = cached.origin
         factor = 1.0 / self.scale
         points = labels = boxes = None
@@ -222,19 +256,40 @@ class PromptSession:
                                  dtype=torch.float32, device=self.device)
         sparse, _ = model.sam.prompt_encoder(
             points=(points, labels) if points is not None else None, boxes=boxes, masks=None)
-        fine, distance = model.hr_decoder(
-            cached.embedding, cached.early, cached.dense, model.sam.prompt_encoder.get_dense_pe(),
-            cached.coarse, cached.image if model.cfg.fuse_image else None,
-            sparse_prompt=sparse)
-        maps = [fine] if distance is None else [fine, distance]
-        return torch.sigmoid(torch.cat(maps, dim=1)[0].float()).cpu().numpy()
+
+        sam_tokens = torch.cat([sam.iou_token.weight, sam.mask_tokens.weight], dim=0)
+        n_sam, n_slices = sam_tokens.shape[0], decoder.slice_tokens.shape[0]
+        tokens = torch.cat([sam_tokens, decoder.slice_tokens], dim=0)[None]
+        tokens = torch.cat([tokens, sparse.to(tokens.dtype)], dim=1)
+        src = cached.embedding + cached.dense
+        pos = model.sam.prompt_encoder.get_dense_pe()
+        if decoder.decoder_adapter is not None:
+            hs, src = decoder.decoder_adapter(decoder.transformer, src, pos, tokens)
+        else:
+            hs, src = decoder.transformer(src, pos, tokens)
+        dim = cached.embedding.shape[1]
+        src = src.transpose(1, 2).reshape(1, dim, cells, cells)[..., ha:hb, hc:hd]
+        features = (decoder.upscaled_proj(sam.output_upscaling(src))
+                    + cached.prior[..., 4 * ha:4 * hb, 4 * hc:4 * hd])
+        hyper = decoder.hypernetwork(hs[:, n_sam:n_sam + n_slices])
+        slices = (hyper @ features.flatten(2)).reshape(1, -1, *features.shape[2:])
+        maps = pixel_ensemble(slices)  # 1, num_maps, 16 (hb - ha), 16 (hd - hc)
+        rows, cols = slice(16 * ha, 16 * hb), slice(16 * hc, 16 * hd)
+        parts = [maps, cached.feature_up[..., rows, cols]]
+        if decoder.fuse_image:
+            parts.append(cached.image[..., rows, cols])
+        residual = decoder.refine(torch.cat(parts, dim=1))
+        fine = maps[:, :1] + cached.coarse_up[..., rows, cols] + residual[:, :1]
+        out = [fine] if decoder.num_maps == 1 else [fine, maps[:, 1:] + residual[:, 1:]]
+        probabilities = torch.sigmoid(torch.cat(out, dim=1)[0].float())
+        crop = probabilities[:, a - 16 * ha:b - 16 * ha, c - 16 * hc:d - 16 * hc]
+        return crop.cpu().numpy()
 
     def segment(self, prompt: Prompt) -> NucleusMask:
         """The nucleus a prompt selects, in native image coordinates (may be empty)."""
         from skimage.transform import resize
 
         cached = self.prepare(prompt)
-        maps = self.decode(prompt, cached)
         factor = 1.0 / self.scale
         y0, x0 = cached.origin
         height, width = self.rgb.shape[:2]
@@ -245,7 +300,7 @@ class PromptSession:
         c0 = int(max(math.floor(ex0) - margin, x0, 0))
         r1 = int(min(math.ceil(ey1) + margin + 1, y0 + self.size, height))
         c1 = int(min(math.ceil(ex1) + margin + 1, x0 + self.size, width))
-        local = maps[:, r0 - y0:r1 - y0, c0 - x0:c1 - x0]
+        local = self.decode(prompt, cached, (r0 - y0, r1 - y0, c0 - x0, c1 - x0))
         mask = self._select(local, prompt, (r0, c0), factor)
         # Back to the native frame.
         n0, m0 = int(math.floor(r0 * self.scale)), int(math.floor(c0 * self.scale))
