@@ -1,8 +1,11 @@
-"""Shared test data builders: small real H&E folders and a tiny model configuration."""
+"""Shared test data builders: small real H&E folders and a tiny model configuration.
+
+Tests read only files inside the repository: the demo data (``resources/demo/data``), the
+few extra files in ``tests/data`` (see its LICENSES.md), or inputs built in the test.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -11,9 +14,15 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "resources" / "demo" / "data"
-# The project's shared datasets sit beside the repository (``../shared/data``); CI clones
-# the repository with ``shared/`` beside it. NAPARI_AMASAM_SHARED_DATA overrides.
-SHARED_DATA = Path(os.environ.get("NAPARI_AMASAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = Path(__file__).resolve().parent / "data"
+#: 8 TNBC 512x512 pairs (pixel-identical to the dataset; ``tests/data/tnbc_stats.json``).
+TNBC = DEMO_DATA / "tnbc_aux"
+#: 10 MoNuSeg training tiles, 512x512 centre crops.
+MONUSEG = DEMO_DATA / "monuseg_train"
+#: 4 CoNSeP 256x256 patches, one without nuclei (``test_7_005``).
+CONSEP = TEST_DATA / "consep_test"
+#: One full-size (1000 x 1000) MoNuSeg label map.
+MONUSEG_FULL_LABEL = TEST_DATA / "monuseg_full" / "labels" / "TCGA-18-5592-01Z-00-DX1.tif"
 
 
 def tiny_model_config(**overrides):

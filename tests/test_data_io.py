@@ -18,9 +18,7 @@ from napari_amasam.data.io import (
 )
 from napari_amasam.errors import DataError
 
-from .helpers import SHARED_DATA
-
-DATA = SHARED_DATA
+from .helpers import TNBC
 
 
 @pytest.fixture
@@ -30,8 +28,8 @@ def rgb() -> np.ndarray:
 
 
 def test_real_png_and_tif_read_as_canonical_arrays():
-    image = read_image(DATA / "tnbc/images/01_1.png")
-    labels = read_labels(DATA / "tnbc/labels/01_1.tif")
+    image = read_image(TNBC / "images/01_1.png")
+    labels = read_labels(TNBC / "labels/01_1.tif")
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
     assert labels.shape == (512, 512) and labels.dtype == np.int32
     # stats.json: 69 nuclei in 01_1, ids sequential.

@@ -24,20 +24,18 @@ from napari_amasam.data.io import read_image, read_labels
 from napari_amasam.data.targets import instance_targets
 from napari_amasam.errors import DataError
 
-from .helpers import SHARED_DATA
-
-DATA = SHARED_DATA
+from .helpers import CONSEP, MONUSEG, TNBC
 
 
 
 @pytest.fixture(scope="module")
 def tnbc_pairs() -> list[Pair]:
-    return find_pairs(DATA / "tnbc")[:3]
+    return find_pairs(TNBC)[:3]
 
 
 @pytest.fixture(scope="module")
 def consep_pairs() -> list[Pair]:
-    return find_pairs(DATA / "consep_patches_subset/test")
+    return find_pairs(CONSEP)
 
 
 def _check_sample(sample, size, domain):
@@ -173,7 +171,7 @@ def sampler_datasets(tnbc_pairs, consep_pairs):
     return [
         DomainDataset(tnbc_pairs, 0),
         DomainDataset(consep_pairs[:3], 1),
-        DomainDataset(find_pairs(DATA / "cpm15")[:2], 2),
+        DomainDataset(find_pairs(MONUSEG)[:2], 2),
     ]
 
 

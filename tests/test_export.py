@@ -14,17 +14,15 @@ from skimage.draw import polygon as fill_polygon
 
 from napari_amasam import export
 
-from .helpers import SHARED_DATA
-
-DATA = SHARED_DATA
+from .helpers import TNBC
 TNBC_ID = "01_1"
 
 
 @pytest.fixture(scope="module")
 def real_crop() -> tuple[np.ndarray, np.ndarray]:
     """A 256x256 crop of a real TNBC label map (ids kept as in the file) and its image."""
-    labels = tifffile.imread(DATA / f"tnbc/labels/{TNBC_ID}.tif").astype(np.int32)
-    image = iio.imread(DATA / f"tnbc/images/{TNBC_ID}.png")[..., :3]
+    labels = tifffile.imread(TNBC / f"labels/{TNBC_ID}.tif").astype(np.int32)
+    image = iio.imread(TNBC / f"images/{TNBC_ID}.png")[..., :3]
     return labels[100:356, 120:376], image[100:356, 120:376]
 
 

@@ -99,6 +99,30 @@ def test_windowed_block_with_padding_64_to_70():
     _assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("qkv_bias, grid", [(True, (10, 7)), (False, (9, 9)), (True, (8, 8))])
+def test_windowed_attention_projects_only_real_tokens(qkv_bias, grid):
+    """Windows are cut from q/k/v: the projection sees the H x W tokens (plus one zero token
+    for the padding), yet the block equals the reference, padded keys included."""
+    torch.manual_seed(6)
+    block = Block(24, num_heads=2, qkv_bias=qkv_bias, use_rel_pos=True, window_size=4,
+                  input_size=(4, 4))
+    _randomise_rel_pos(block)
+    x = torch.randn(2, *grid, 24)
+    seen = []
+    block.attn.qkv.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        expected = block(x)
+        reference_rows = seen.pop(0)
+        enable_fast_attention(block)
+        assert isinstance(block, fa.FastBlock)
+        actual = block(x)
+    _assert_close(actual, expected)
+    padded = [-(-n // 4) * 4 for n in grid]
+    assert reference_rows == (2 * padded[0] * padded[1] // 16, 4, 4, 24)
+    needs_padding = padded != list(grid)
+    assert seen == [(2, *grid, 24)] + ([(1, 24)] if needs_padding else [])
+
+
 def _small_encoder(seed: int = 4) -> ImageEncoderViT:
     torch.manual_seed(seed)
     # 128/16 = 8 tokens; window 3 pads 8 -> 9; blocks 1 and 3 are global.
@@ -162,6 +186,25 @@ def test_subclass_with_own_forward_is_left_alone():
     holder = torch.nn.Sequential(Custom(16, num_heads=2), Attention(16, num_heads=2))
     assert enable_fast_attention(holder) == 1
     assert type(holder[0]) is Custom
+
+
+@pytest.mark.parametrize("max_mask_bytes", [1, 3000, 20_000, 10**9])
+def test_chunked_bias_with_gradient_matches_reference(max_mask_bytes):
+    # The training path keeps every bias chunk for backward; 20000 groups 2 of the 3 items
+    # per chunk (the grouping a GPU's larger budget makes at batch 4 and 1024 px).
+    torch.manual_seed(3)
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(7, 5))
+    _randomise_rel_pos(attn)
+    x = torch.randn(3, 7, 5, 32)
+    x_ref = x.clone().requires_grad_(True)
+    x_fast = x.clone().requires_grad_(True)
+    expected = attn(x_ref)
+    actual = fast_attention_forward(attn, x_fast, max_mask_bytes=max_mask_bytes)
+    _assert_close(actual, expected)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    _assert_close(x_fast.grad, x_ref.grad, rel=2e-4)
 
 
 @pytest.mark.parametrize("max_mask_bytes", [None, 1])
@@ -237,3 +280,18 @@ def test_onednn_linear_used_only_without_gradient(monkeypatch):
     with torch.no_grad():
         assert torch.equal(fast_linear(layer, x), torch.zeros(3, 8))  # hooks are honoured
     assert calls[-1] is False
+
+
+@pytest.mark.slow
+def test_fast_attention_compiles_with_torch_compile():
+    # The fast path writes the bias into a reused buffer and calls oneDNN's linear; neither
+    # lowers in Inductor, so under torch.compile it hands both to the compiler instead.
+    torch.manual_seed(4)
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(7, 5))
+    _randomise_rel_pos(attn)
+    x = torch.randn(3, 7, 5, 32)
+    with torch.no_grad():
+        expected = attn(x)
+        enable_fast_attention(attn)
+        actual = torch.compile(attn)(x)
+    _assert_close(actual, expected)

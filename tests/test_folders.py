@@ -19,9 +19,7 @@ from napari_amasam.data.folders import (
 )
 from napari_amasam.errors import DataError
 
-from .helpers import SHARED_DATA
-
-DATA = SHARED_DATA
+from .helpers import CONSEP, DEMO_DATA, TNBC, TEST_DATA
 
 
 def _stats_nuclei(stats_file: Path) -> int:
@@ -56,16 +54,16 @@ def _write_pair(
 
 
 @pytest.mark.parametrize(
-    "folder, n_pairs, stats",
+    "folder, n_pairs",
     [
-        ("tnbc", 50, "tnbc/stats.json"),
-        ("cpm15", 15, "cpm15/stats.json"),
-        ("monuseg", 30, None),  # dataset root: train/ is used
-        ("consep_patches_subset/test", 28, "consep_patches_subset/stats.json"),
+        (TNBC, 8),
+        (DEMO_DATA / "monuseg_train", 10),
+        (DEMO_DATA / "monuseg_heldout", 4),
+        (CONSEP, 4),
     ],
 )
-def test_real_folders_pair_completely(folder, n_pairs, stats):
-    pairs = find_pairs(DATA / folder)
+def test_real_folders_pair_completely(folder, n_pairs):
+    pairs = find_pairs(folder)
     assert len(pairs) == n_pairs
     assert [p.stem for p in pairs] == sorted(p.stem for p in pairs)
     assert all(p.image.stem == p.stem and p.label.stem == p.stem for p in pairs)
@@ -73,33 +71,27 @@ def test_real_folders_pair_completely(folder, n_pairs, stats):
 
 
 def test_real_check_counts_nuclei_and_warns_on_the_empty_label():
-    report = check_folders(DATA / "consep_patches_subset/test", [DATA / "tnbc"])
+    report = check_folders(CONSEP, [TNBC])
     assert report.ok, report.problems
-    assert report.n_pairs == {
-        str(DATA / "consep_patches_subset/test"): 28,
-        str(DATA / "tnbc"): 50,
-    }
+    assert report.n_pairs == {str(CONSEP): 4, str(TNBC): 8}
     summary = report.summary()
-    assert summary["primary"]["n_nuclei"] == _stats_nuclei(
-        DATA / "consep_patches_subset/stats.json"
-    )
-    assert summary["aux"][0]["n_nuclei"] == _stats_nuclei(DATA / "tnbc/stats.json")
-    assert summary["aux"][0]["image_sizes"] == {"512x512": 50}
+    assert summary["primary"]["n_nuclei"] == _stats_nuclei(CONSEP / "stats.json")
+    assert summary["aux"][0]["n_nuclei"] == _stats_nuclei(TEST_DATA / "tnbc_stats.json")
+    assert summary["aux"][0]["image_sizes"] == {"512x512": 8}
     json.dumps(summary)  # storable in config.json
     assert len(report.warnings) == 1 and "test_7_005.tif" in report.warnings[0]
     report.raise_if_failed()  # no problems: no exception
 
 
-def test_monuseg_root_resolves_to_train_and_check_is_fast():
-    import time
+def test_dataset_root_resolves_to_train(tmp_path):
+    # A dataset root with splits (like MoNuSeg's): train/ is used. Speed: benchmarks/bench_data.py.
+    import shutil
 
-    start = time.perf_counter()
-    check = check_folder(DATA / "monuseg")
-    elapsed = time.perf_counter() - start
-    assert check.root == DATA / "monuseg" / "train"
-    assert check.n_pairs == 30 and not check.problems
-    assert check.image_sizes == {"1000x1000": 30}
-    assert elapsed < 15, f"checking 30 1000x1000 pairs took {elapsed:.1f} s"
+    shutil.copytree(DEMO_DATA / "monuseg_heldout", tmp_path / "monuseg" / "train")
+    check = check_folder(tmp_path / "monuseg")
+    assert check.root == tmp_path / "monuseg" / "train"
+    assert check.n_pairs == 4 and not check.problems
+    assert check.image_sizes == {"512x512": 4}
 
 
 def test_label_suffixes_and_masks_folder(tmp_path):

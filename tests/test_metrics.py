@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -12,10 +11,7 @@ from skimage.segmentation import find_boundaries
 
 from napari_amasam import metrics
 
-from .helpers import SHARED_DATA
-
-DATA = SHARED_DATA
-MONUSEG_LABEL = DATA / "monuseg/train/labels/TCGA-18-5592-01Z-00-DX1.tif"
+from .helpers import MONUSEG_FULL_LABEL as MONUSEG_LABEL
 
 s = np.s_
 
@@ -204,14 +200,6 @@ def test_real_label_against_itself_and_eroded(real_gt):
     for name in ("dice", "aji", "aji_plus", "dice2", "sq", "pq"):
         assert 0.3 < worse[name] < 1.0, (name, worse[name])
     assert worse["f1"] > 0.95  # centroids barely move
-
-
-def test_evaluate_pair_is_fast_on_a_full_image(real_gt):
-    pred = np.roll(real_gt, 3, axis=1)
-    start = time.perf_counter()
-    metrics.evaluate_pair(real_gt, pred)
-    # method: well under a second for 1000x1000 with ~600 nuclei (generous for a busy CI box)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_shape_mismatch_names_both_shapes():

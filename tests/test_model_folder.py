@@ -98,11 +98,11 @@ def test_corrupt_weights_file_is_reported(tmp_path):
 
 def test_history_grows_and_truncates(tmp_path):
     for epoch in (1, 2, 3):
-        mf.append_history(tmp_path, {"epoch": epoch, "loss": 1.0 / epoch})
-    mf.append_history(tmp_path, {"epoch": 4, "loss": 0.2, "val_dice": 0.7})
+        mf.append_history(tmp_path, {"epoch": epoch, "step": 10 * epoch, "loss": 1.0 / epoch})
+    mf.append_history(tmp_path, {"epoch": 4, "step": 40, "loss": 0.2, "val_dice": 0.7})
     rows = mf.read_history(tmp_path)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["val_dice"] == "0.7"
-    mf.truncate_history(tmp_path, 2)
+    mf.truncate_history(tmp_path, 20)  # resumed from step 20
     assert [r["epoch"] for r in mf.read_history(tmp_path)] == ["1", "2"]
 
 

@@ -16,19 +16,16 @@ from napari_amasam.inference import postprocess as pp
 from napari_amasam.inference import predictor as predictor_module
 from napari_amasam.inference.postprocess import instances_from_maps, instances_from_maps_tiled
 from napari_amasam.inference.predictor import Maps, Predictor
-from tests.helpers import SHARED_DATA
+from tests.helpers import MONUSEG_FULL_LABEL
 
-LABELS = sorted((SHARED_DATA / "monuseg" / "train" / "labels").glob("*.tif"))
 # Small blocks so a 1000 x 1000 image has 16 blocks and many nuclei on block borders.
 BLOCK = 256
-
-pytestmark = pytest.mark.skipif(not LABELS, reason="shared MoNuSeg labels not available")
 
 
 @pytest.fixture(scope="module")
 def maps() -> np.ndarray:
     """(3, 1000, 1000) float32 ideal maps (fg, cdist, bdist) of a real MoNuSeg label."""
-    labels = tifffile.imread(LABELS[0]).astype(np.int32)
+    labels = tifffile.imread(MONUSEG_FULL_LABEL).astype(np.int32)
     return instance_targets(labels)
 
 

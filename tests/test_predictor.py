@@ -7,7 +7,6 @@ translation-equivariant, so a tiled prediction can be compared with an untiled o
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +19,9 @@ from napari_amasam.errors import AmaSamError
 from napari_amasam.inference.predictor import Maps, Predictor
 from napari_amasam.inference.tiling import tile_grid
 
-from .helpers import SHARED_DATA
+from .helpers import MONUSEG as MONUSEG_DIR
 
-MONUSEG = sorted(glob.glob(str(SHARED_DATA / "monuseg" / "train" / "images" / "*.png")))
+MONUSEG = sorted(str(p) for p in (MONUSEG_DIR / "images").glob("*.png"))
 
 
 @dataclass
@@ -98,8 +97,6 @@ def _dice(a, b):
 
 @pytest.fixture(scope="module")
 def monuseg_crop():
-    if not MONUSEG:
-        pytest.skip("MoNuSeg data not available")
     from napari_amasam.data.io import read_image
 
     return read_image(MONUSEG[0])[100:356, 200:456]
@@ -272,26 +269,6 @@ def test_default_tile_and_overlap():
     assert records[-1]["total"] == len(tile_grid(300, 300, 256, 32)) == 4
 
 
-def test_from_folder_uses_load_model(monkeypatch, tmp_path):
-    from types import SimpleNamespace
-
-    import napari_amasam.model_folder as model_folder
-
-    thresholds = PostprocessConfig(foreground_threshold=0.7)
-    seen = {}
-
-    def fake_load_model(path, checkpoint=None, device="auto"):
-        seen.update(path=path, checkpoint=checkpoint, device=device)
-        folder = SimpleNamespace(model=ModelConfig(backbone="tiny", image_size=128), thresholds=thresholds, mpp=0.25)
-        return DarkNucleusNet(), folder
-
-    monkeypatch.setattr(model_folder, "load_model", fake_load_model, raising=False)
-    predictor = Predictor.from_folder(tmp_path, device="cpu")
-    assert seen["path"] == tmp_path and seen["device"] == torch.device("cpu")
-    assert predictor.thresholds is thresholds and predictor.mpp == 0.25
-    assert predictor.model_config.image_size == 128
-
-
 def test_classical_predictor_has_no_maps():
     predictor = Predictor.classical()
     assert predictor.is_classical
@@ -300,9 +277,6 @@ def test_classical_predictor_has_no_maps():
 
 
 def test_classical_predictor_segments_monuseg():
-    pytest.importorskip("napari_amasam.inference.classical")
-    if not MONUSEG:
-        pytest.skip("MoNuSeg data not available")
     from napari_amasam.data.io import read_image, read_labels
 
     image_path = MONUSEG[0]
@@ -359,6 +333,20 @@ def test_real_tiny_model_from_folder_segments_odd_sized_images(tiny_model_folder
     assert step[:, borders].mean() < 2 * step.mean() + 1e-3
     # Re-thresholding the stored maps is deterministic and leaves the network alone.
     assert np.array_equal(predictor.postprocess(maps), result.labels)
+
+
+def test_from_folder_loads_the_folder_weights_settings_and_device(tiny_model_folder):
+    # No mock: the predictor holds exactly the saved weights, thresholds, mpp and config.
+    predictor = Predictor.from_folder(tiny_model_folder, device="cpu")
+    saved = torch.load(tiny_model_folder / "weights.pt", weights_only=True)
+    loaded = predictor.model.trainable_state_dict()
+    assert set(loaded) == set(saved)
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    assert not predictor.model.training
+    assert all(p.device.type == "cpu" for p in predictor.model.parameters())
+    assert predictor.thresholds == PostprocessConfig(foreground_threshold=0.4)
+    assert predictor.mpp == 0.5 and predictor.model_config.image_size == 64
 
 
 def test_real_tiny_model_mpp_rescaling(tiny_model_folder):

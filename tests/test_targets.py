@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -11,9 +10,7 @@ from scipy import ndimage
 from napari_amasam.data.io import read_labels
 from napari_amasam.data.targets import instance_targets
 
-from .helpers import SHARED_DATA
-
-DATA = SHARED_DATA
+from .helpers import MONUSEG_FULL_LABEL
 
 
 def _disc(shape=(41, 41), centre=(20, 20), radius=12) -> np.ndarray:
@@ -108,13 +105,11 @@ def test_empty_labels_give_zeros():
         instance_targets(np.zeros((2, 7, 9), np.int32))
 
 
-def test_full_monuseg_tile_is_fast():
-    labels = read_labels(DATA / "monuseg/train/labels/TCGA-18-5592-01Z-00-DX1.tif")
+def test_full_monuseg_tile_has_one_centre_per_nucleus():
+    # Speed on this tile: benchmarks/bench_data.py.
+    labels = read_labels(MONUSEG_FULL_LABEL)
     n_objects = len(np.unique(labels)) - 1
     assert labels.shape == (1000, 1000) and n_objects > 400
-    start = time.perf_counter()
     targets = instance_targets(labels)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"{elapsed:.2f} s for {n_objects} nuclei"
     # One centre pixel per nucleus (non-contiguous pieces of one id share a single centre).
     assert ((targets[1] == 0) & (labels > 0)).sum() == n_objects

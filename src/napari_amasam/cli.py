@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import atomic_write_text, remove_temp_files
 from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
-from .errors import AmaSamError
+from .errors import AmaSamError, describe_os_error
 
 EXIT_ERROR = 2
 
@@ -53,6 +54,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder at --out (when the new one is first saved)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainable-backbone", action="store_true",
                    help="also train the encoder (only sensible for the random-weight tiny backbone)")
@@ -111,7 +114,8 @@ def cmd_train(args) -> int:
                                 trainable_backbone=args.trainable_backbone)
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=args.epochs or 30, max_steps=args.max_steps or 0,
+            epochs=30 if args.epochs is None else args.epochs,
+            max_steps=0 if args.max_steps is None else args.max_steps,
             steps_per_epoch=args.steps_per_epoch,
             batch_size=args.batch_size, lr=args.lr, mpp=args.mpp, aux_mpp=args.aux_mpp,
             primary_share=args.primary_share, val_fraction=args.val_fraction,
@@ -120,7 +124,7 @@ def cmd_train(args) -> int:
         )
     interactive = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
-    for record in train(train_cfg, model_cfg, resume=bool(args.resume)):
+    for record in train(train_cfg, model_cfg, resume=bool(args.resume), overwrite=args.overwrite):
         line = _format_record(record)
         if line is None or args.quiet and record["stage"] == "train":
             continue
@@ -154,34 +158,98 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the inputs")
     p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="inference precision (default: the model folder's; auto = bf16 where "
                         "the device computes it natively, else fp32)")
+    from .slide.command import add_slide_arguments
+
+    add_slide_arguments(p)
     p.set_defaults(func=cmd_segment)
+
+
+def segment_outputs(image: Path, out: Path, geojson: bool, csv: bool) -> list[Path]:
+    """The files ``segment`` writes for one input image."""
+    paths = [out / f"{image.stem}_labels.tif"]
+    if geojson:
+        paths.append(out / f"{image.stem}.geojson")
+    if csv:
+        paths.append(out / f"{image.stem}.csv")
+    return paths
+
+
+def check_segment_outputs(images: list[Path], out: Path, geojson: bool, csv: bool,
+                          overwrite: bool) -> None:
+    """Refuse, before anything runs, inputs whose outputs collide or would replace results.
+
+    Outputs are named by stem, so ``a.png`` and ``a.tif`` would write the same files; an
+    existing result is replaced only with ``overwrite``.
+    """
+    from .errors import OutputError
+
+    from .atomic import check_can_create
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: --out names a file; give a folder for the results")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"{out}: folder is not writable (permission denied)")
+    else:
+        check_can_create(out)
+    writers: dict[Path, Path] = {}
+    existing = []
+    for image in images:
+        for path in segment_outputs(image, out, geojson, csv):
+            if path in writers and writers[path] != image:
+                raise OutputError(f"{writers[path]} and {image} would both write {path.name}; "
+                                  "rename one or segment them into different --out folders")
+            writers[path] = image
+            if path.exists():
+                existing.append(path)
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more result file(s)" if len(existing) > 1 else ""
+        raise OutputError(f"{existing[0]}{more} already exist(s); pass --overwrite to replace "
+                          "them, or choose another --out")
 
 
 def cmd_segment(args) -> int:
     from .data.io import collect_images, read_image
     from .export import write_csv, write_geojson, write_labels_tiff
     from .inference.predictor import Predictor
+    from .slide.command import segment_slides, split_slides
 
-    images, problems = collect_images(args.inputs)
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--tile-size", args.tile_size, 1),
+                             ("--overlap", args.overlap, 0)):
+        if value is not None and value < low:
+            return _fail(f"{name} must be at least {low}, not {value}")
+    if args.mpp is not None and not args.mpp > 0:
+        return _fail(f"--mpp must be positive, not {args.mpp}")
+    slides, plain_inputs = split_slides(args.inputs)
+    images, problems = collect_images(plain_inputs) if plain_inputs else ([], [])
+    images = list(dict.fromkeys(path.resolve() for path in images))  # a file given twice
+    out = Path(args.out)
+    check_segment_outputs(images, out, args.geojson, args.csv, args.overwrite)
     thresholds = None
     if args.thresholds:
         try:
             thresholds = PostprocessConfig.from_dict(json.loads(Path(args.thresholds).read_text()))
         except (OSError, json.JSONDecodeError, ConfigError, TypeError) as exc:
             return _fail(f"{args.thresholds}: invalid thresholds file ({exc})")
+    # Whole-slide images stream region by region (napari_amasam.slide); the rest below.
+    slides_failed = (segment_slides(args, slides, thresholds and thresholds.to_dict())
+                     if slides else 0)
+    if not plain_inputs:
+        return 1 if slides_failed else 0
     if args.model == "classical":
         predictor = Predictor.classical()
     else:
         predictor = Predictor.from_folder(args.model, checkpoint=args.checkpoint, device=args.device,
                                           precision=args.precision)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)  # left by a killed earlier run (ours only: .<name>.<random>.tmp)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
-    failed = len(problems)
+    failed = len(problems) + slides_failed
     for path in images:
         t0 = time.perf_counter()
         try:
@@ -215,20 +283,19 @@ def add_evaluate_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def check_writable_file(path: Path) -> None:
+    """Refuse, before any work, an output file path that cannot be written."""
+    from .errors import OutputError
+
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name")
+    if not path.absolute().parent.is_dir():
+        raise OutputError(f"{path.parent}: no such folder (for {path.name})")
+    if not os.access(path.absolute().parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path.parent}: folder is not writable (permission denied)")
+
+
 METRIC_KEYS = ("dice", "aji", "aji_plus", "dice2", "dq", "sq", "pq", "f1")
-
-
-def _label_files(folder: Path) -> dict[str, Path]:
-    from .data.io import IMAGE_EXTENSIONS
-
-    if (folder / "labels").is_dir():
-        folder = folder / "labels"
-    files = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            stem = p.stem[: -len("_labels")] if p.stem.endswith("_labels") else p.stem
-            files[stem] = p
-    return files
 
 
 def format_table(per_image: dict[str, dict], mean: dict, title: str = "image") -> str:
@@ -241,6 +308,7 @@ def format_table(per_image: dict[str, dict], mean: dict, title: str = "image") -
 
 
 def cmd_evaluate(args) -> int:
+    from .data.folders import label_files
     from .data.io import read_labels
     from .metrics import evaluate_pair, summarize
 
@@ -248,7 +316,9 @@ def cmd_evaluate(args) -> int:
     for d in (pred_dir, gt_dir):
         if not d.is_dir():
             return _fail(f"{d}: no such folder")
-    preds, gts = _label_files(pred_dir), _label_files(gt_dir)
+    if args.json:
+        check_writable_file(Path(args.json))
+    preds, gts = label_files(pred_dir), label_files(gt_dir)
     common = sorted(set(preds) & set(gts))
     if not common:
         return _fail(f"no prediction in {pred_dir} matches a ground-truth file in {gt_dir} by stem")
@@ -266,7 +336,7 @@ def cmd_evaluate(args) -> int:
         print(f"({summary['n_skipped']} image(s) with nothing to find and nothing found were skipped)")
     if args.json:
         doc = {"images": per_image, "mean": summary["mean"]}
-        Path(args.json).write_text(json.dumps(doc, indent=2, allow_nan=True))
+        atomic_write_text(args.json, json.dumps(doc, indent=2, allow_nan=True))
     return 0
 
 
@@ -283,14 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line per warning, without the source location Python prints by default.
+    text = str(message).strip().splitlines()
+    print(f"napari-amasam: warning: {text[0] if text else category.__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except (AmaSamError, ConfigError) as exc:
         if os.environ.get("NAPARI_AMASAM_DEBUG"):
             raise
         return _fail(str(exc))
+    except OSError as exc:  # disk full, permissions, a path that is a file...: one line
+        if os.environ.get("NAPARI_AMASAM_DEBUG"):
+            raise
+        return _fail(describe_os_error(exc))
     except KeyboardInterrupt:
         return _fail("interrupted")
     finally:

@@ -8,7 +8,10 @@ unknown keys raise, so a typo in a hand-edited file is reported.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -18,12 +21,58 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid (the message names which)."""
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (bool is not a number here)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and (
+            item is Any or all(_matches(v, item) for v in value))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build ``cls`` from a JSON object, naming the first unknown or wrong-typed field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, not {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{where}: {key} must be {_describe(hints[key])}, not {value!r}")
     return cls(**data)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -74,8 +123,9 @@ class ModelConfig:
         (nothing pretrained to preserve); AMA-SAM keeps SAM frozen.
     fast_attention : bool
         Run SAM's attention and MLP blocks through the exact fused CPU/GPU path of
-        ``model.fast_attention`` (same weights, same results to float tolerance, ~1.9x faster
-        vit_b encoder on CPU). Off = segment_anything's reference forward.
+        ``model.fast_attention`` and the convolutional side through ``model.fast_layers``
+        (same weights, same results to float tolerance, ~1.5-1.95x faster vit_b encoder on
+        CPU). Off = segment_anything's reference forward.
     precision : str
         Default inference precision of this model: ``auto``, ``fp32`` or ``bf16`` (see
         ``napari_amasam.precision``); the predictor, CLI and widget can override it.
@@ -120,6 +170,17 @@ class ModelConfig:
             raise ConfigError(f"image_size must be a multiple of 64, not {self.image_size}")
         if self.num_domains < 1:
             raise ConfigError("num_domains must be at least 1")
+        _require(self.alignment_layer_blocks >= 0,
+                 f"alignment layer blocks must be 0 (off) or more, not {self.alignment_layer_blocks}")
+        _require(self.lambda_max >= 0, f"lambda max must be 0 or more, not {self.lambda_max}")
+        _require(self.lambda_schedule in ("dann", "constant"),
+                 f"lambda schedule must be dann or constant, not {self.lambda_schedule!r}")
+        _require(self.adapter_ratio > 0, f"adapter ratio must be positive, not {self.adapter_ratio}")
+        _require(self.num_slice_tokens >= 1, "num_slice_tokens must be at least 1")
+        _require(0.0 <= self.coarse_prompt_threshold <= 1.0,
+                 "coarse prompt threshold must be in [0, 1]")
+        for name in ("tiny_embed_dim", "tiny_depth", "tiny_heads", "tiny_window_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -170,6 +231,14 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         if self.method not in ("distance", "edt"):
             raise ConfigError(f"post-processing method must be distance or edt, not {self.method!r}")
+        for name in ("foreground_threshold", "center_distance_threshold",
+                     "boundary_distance_threshold"):
+            _require(0.0 <= getattr(self, name) <= 1.0,
+                     f"{name} must be in [0, 1], not {getattr(self, name)}")
+        for name in ("sigma_foreground", "sigma_distance", "min_size"):
+            _require(getattr(self, name) >= 0, f"{name} must be 0 or more, not {getattr(self, name)}")
+        _require(self.edt_min_distance >= 1,
+                 f"edt_min_distance must be at least 1, not {self.edt_min_distance}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,8 +332,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("batch size must be at least 1")
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ConfigError("epochs or max steps must be at least 1")
+        _require(self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}")
+        _require(self.max_steps >= 0, f"max steps must be 0 (no limit) or more, not {self.max_steps}")
+        _require(self.steps_per_epoch >= 0,
+                 f"steps per epoch must be 0 (one pass over the data) or more, not {self.steps_per_epoch}")
+        _require(self.val_every >= 1, f"validate-every must be at least 1, not {self.val_every}")
+        _require(self.num_threads >= 0, f"threads must be 0 (default) or more, not {self.num_threads}")
+        _require(0.0 < self.lr_gamma <= 1.0, f"lr gamma must be in (0, 1], not {self.lr_gamma}")
+        _require(self.weight_decay >= 0, f"weight decay must be 0 or more, not {self.weight_decay}")
+        _require(self.mpp is None or self.mpp > 0, f"mpp must be positive, not {self.mpp}")
+        _require(self.aux_mpp is None or all(m is None or m > 0 for m in self.aux_mpp),
+                 f"auxiliary mpp values must be positive, not {self.aux_mpp}")
+        if self.primary:
+            primary = Path(self.primary).resolve()
+            for folder in self.aux:
+                # Validation images come from the primary folder: never train on them.
+                _require(Path(folder).resolve() != primary,
+                         f"{folder}: auxiliary folder is the primary folder; its validation "
+                         "images would be trained on")
         if not 0.0 < self.primary_share <= 1.0:
             raise ConfigError("primary share must be in (0, 1]")
         if not 0.0 <= self.val_fraction < 1.0:

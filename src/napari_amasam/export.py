@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +34,7 @@ from scipy import ndimage as ndi
 from skimage.measure import approximate_polygon, find_contours, regionprops
 
 from ._labels import check_label_map
+from .atomic import atomic_write
 
 MEASUREMENT_COLUMNS = (
     "label",
@@ -55,19 +54,9 @@ DEFAULT_COLOR = (255, 0, 0)
 
 
 def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file in the target folder, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Call ``write(tmp_path)`` on a temporary file in the target folder, then rename it
+    (with the user's umask; see ``napari_amasam.atomic``)."""
+    return atomic_write(path, write)
 
 
 def _grey(image: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:

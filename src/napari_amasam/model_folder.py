@@ -13,7 +13,10 @@
       history.csv      one row per epoch: losses, learning rate, validation metrics
 
 Every write goes to a temporary file in the same folder, is flushed to disk, then renamed
-over the target, so a kill at any moment leaves the previous state loadable.
+over the target, so a kill at any moment leaves the previous state loadable. A new model is
+written into a staging folder ``.MODEL_DIR.partial-<pid>-<random>`` beside its target and
+renamed into place at its first save, so an existing folder is never mixed with a new run
+(``publish_folder``); what a killed run leaves behind is removed by the next run.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import pickle
+import secrets
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +38,15 @@ from typing import Any
 import torch
 
 from . import __version__
+# atomic_write_* are re-exported: callers import them from here.
+from .atomic import (  # noqa: F401
+    atomic_write_bytes,
+    atomic_write_text,
+    check_can_create,
+    remove_temp_files,
+)
 from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 FORMAT_NAME = "napari-amasam-model"
 FORMAT_VERSION = 1
@@ -45,27 +58,6 @@ SAM_NORMALISATION = {
 }
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to memory, then an atomic write (no half-written checkpoint ever)."""
     buffer = io.BytesIO()
@@ -73,12 +65,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# (resolved path, size, mtime_ns) -> sha256: a multi-GB base checkpoint is hashed once per
+# process, and again only when the file changes.
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file, cached by (path, size, modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
 
 
 def torch_load(path: str | Path, what: str) -> Any:
@@ -87,9 +90,18 @@ def torch_load(path: str | Path, what: str) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: {what} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors differ by torch version
-        raise CheckpointError(f"{path}: cannot read {what} (truncated or corrupt: {exc})") from None
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols of foreign files; the error below says it all.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # The weights-only unpickler met something other than tensors and plain containers.
+        raise CheckpointError(f"{path}: {what} holds arbitrary Python objects (a pickle that "
+                              "could run code when loaded); refused for safety") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except Exception:  # zip/format errors differ by torch version
+        raise CheckpointError(f"{path}: cannot read {what} (truncated or corrupt file)") from None
 
 
 @dataclass
@@ -154,19 +166,31 @@ def read_model_folder(path: str | Path) -> ModelFolder:
         doc = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{config_path}: cannot be read as JSON ({exc})") from None
-    if doc.get("format") != FORMAT_NAME:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_path}: not a napari-amasam model config")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{config_path}: format_version {version!r} is not a version number")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path}: written by a newer napari-amasam (model format {version}, this "
+            f"version reads up to {FORMAT_VERSION}; package {doc.get('package_version', '?')}); "
+            "update napari-amasam")
     try:
         model = ModelConfig.from_dict(doc["model"])
         train = TrainConfig.from_dict(doc["train"]) if doc.get("train") else None
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: invalid config ({exc})") from None
+    mpp = doc.get("mpp")
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or mpp <= 0):
+        raise CheckpointError(f"{config_path}: invalid config (mpp must be a positive number "
+                              f"or null, not {mpp!r})")
     thresholds = PostprocessConfig()
     thresholds_path = path / "thresholds.json"
     if thresholds_path.is_file():
         try:
             thresholds = PostprocessConfig.from_dict(json.loads(thresholds_path.read_text()))
-        except (ConfigError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, ConfigError, json.JSONDecodeError, TypeError) as exc:
             raise CheckpointError(f"{thresholds_path}: invalid thresholds ({exc})") from None
     return ModelFolder(
         path=path,
@@ -212,9 +236,14 @@ def resolve_base_checkpoint(folder: ModelFolder, checkpoint: str | Path | None) 
 
 def append_history(path: str | Path, row: dict[str, Any]) -> None:
     """Rewrite ``history.csv`` with one more row (atomically; columns grow as needed)."""
-    history_path = Path(path) / "history.csv"
     rows = read_history(path)
     rows.append({k: row[k] for k in row})
+    write_history(path, rows)
+
+
+def write_history(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``history.csv`` by ``rows`` in one atomic write."""
+    history_path = Path(path) / "history.csv"
     columns: list[str] = []
     for r in rows:
         for key in r:
@@ -235,14 +264,101 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(fh))
 
 
-def truncate_history(path: str | Path, max_epoch: int) -> None:
-    """Drop rows after ``max_epoch`` (a resumed run re-does the epochs after its last state)."""
-    rows = [r for r in read_history(path) if int(float(r.get("epoch", 0))) <= max_epoch]
-    history_path = Path(path) / "history.csv"
-    if history_path.exists():
-        history_path.unlink()
-    for r in rows:
-        append_history(path, r)
+def truncate_history(path: str | Path, max_step: int) -> None:
+    """Drop rows written after step ``max_step`` (the step of the state a run resumes from).
+
+    A killed run may have logged an epoch whose state it did not save; the resumed run
+    re-does it. Rows are kept by step, not epoch, so the row of a final partial epoch (run
+    ended by ``max_steps`` mid-epoch) stays. The file is replaced in one atomic write.
+    """
+    rows = read_history(path)
+    kept = [r for r in rows if int(float(r.get("step") or 0)) <= max_step]
+    if len(kept) != len(rows):
+        write_history(path, kept)
+
+
+# ----------------------------------------------------------------------- new model folders
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "last.pt").is_file()
+
+
+def check_output_folder(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an ``out`` that a new training run must not write into.
+
+    Accepted: a path that does not exist (its parent is created later), an empty folder, or
+    with ``overwrite`` an existing model folder (replaced only when the new one is saved).
+    Raises ``OutputError`` naming the path otherwise; nothing is written here.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a folder; choose a folder for the model")
+    if out.is_dir() and any(out.iterdir()):
+        if _is_model_folder(out):
+            if not overwrite:
+                raise OutputError(f"{out}: is an existing model folder; resume its training "
+                                  "(--resume) or replace it (--overwrite)")
+        elif not overwrite:
+            raise OutputError(f"{out}: folder is not empty; choose a new or empty folder "
+                              "for the model (or --overwrite to replace it)")
+        else:
+            raise OutputError(f"{out}: folder is not empty and is not a model folder; "
+                              "refusing to replace it")
+    check_can_create(out)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: str | Path) -> list[Path]:
+    """Delete staging folders of ``out`` left by killed runs (not those of running ones)."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.glob(f".{out.name}.partial-*"):
+        pid = entry.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if entry.is_dir() and not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    for entry in out.parent.glob(f".{out.name}.replaced-*"):
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def staging_folder(out: str | Path) -> Path:
+    """Create the empty folder a new model for ``out`` is written into until its first save."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # mode 0777 & ~umask, like any folder the user makes
+    return staging
+
+
+def publish_folder(staging: str | Path, out: str | Path) -> Path:
+    """Rename a staging folder to ``out``; an existing ``out`` (``overwrite``) is replaced.
+
+    The old folder is first renamed aside and deleted only after the new one is in place, so
+    a kill in between leaves the old model under ``.NAME.replaced-*`` rather than nothing.
+    """
+    staging, out = Path(staging), Path(out)
+    aside = None
+    if out.exists():
+        aside = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
+        os.rename(out, aside)
+    os.rename(staging, out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return out
 
 
 def load_model(

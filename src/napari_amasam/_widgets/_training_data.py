@@ -7,10 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-#: Stems a label file of pair ``name`` may have (see ``data.folders.LABEL_SUFFIXES``).
-_LABEL_STEM_SUFFIXES = ("", "_labels", "_label", "_masks", "_mask")
-
-
 def safe_stem(name: str) -> str:
     """A file-name stem from a layer name (letters, digits, ``-``, ``_``, ``.``)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
@@ -28,23 +24,28 @@ def unique_folder(path: Path) -> Path:
 
 
 def existing_pair_files(folder: str | Path, name: str) -> list[Path]:
-    """Files in ``folder/images|labels|masks`` that a pair called ``name`` would collide with.
+    """Files in ``folder/images`` and its label folder that a pair called ``name`` would
+    collide with.
 
     Pairs match by stem, so any image file with that stem (or a label suffix of it) counts,
     whatever its extension.
     """
+    from ..data.folders import LABEL_FOLDER_NAMES, label_stems
     from ..data.io import IMAGE_EXTENSIONS
 
-    stems = {name + suffix for suffix in _LABEL_STEM_SUFFIXES}
+    stems = label_stems(name)
     root = Path(folder)
-    return sorted(p for sub in ("images", "labels", "masks") if (root / sub).is_dir()
+    return sorted(p for sub in ("images", *LABEL_FOLDER_NAMES) if (root / sub).is_dir()
                   for p in (root / sub).iterdir()
                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem in stems)
 
 
 def save_training_pair(folder: str | Path, name: str, image: np.ndarray,
                        labels: np.ndarray) -> tuple[Path, Path]:
-    """Write ``folder/images/<name>.png`` and ``folder/labels/<name>.tif``; never overwrite.
+    """Write ``folder/images/<name>.png`` and ``<label folder>/<name>.tif``; never overwrite.
+
+    The label folder is the one the folder already uses (``labels/`` or ``masks/``, see
+    ``data.folders.label_folder``), so existing pairs keep pairing.
 
     Parameters
     ----------
@@ -66,6 +67,7 @@ def save_training_pair(folder: str | Path, name: str, image: np.ndarray,
     """
     import imageio.v3 as iio
 
+    from ..data.folders import label_folder
     from ..data.io import as_rgb_uint8
     from ..export import write_labels_tiff
 
@@ -79,7 +81,7 @@ def save_training_pair(folder: str | Path, name: str, image: np.ndarray,
     if labels.shape != rgb.shape[:2]:
         raise ValueError(f"{name}: labels {labels.shape} do not match image {rgb.shape[:2]}")
     root = Path(folder)
-    image_path, label_path = root / "images" / f"{name}.png", root / "labels" / f"{name}.tif"
+    image_path, label_path = root / "images" / f"{name}.png", label_folder(root) / f"{name}.tif"
     image_path.parent.mkdir(parents=True, exist_ok=True)
     label_path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(image_path, rgb)

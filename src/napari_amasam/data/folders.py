@@ -68,6 +68,55 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
+def label_folder(root: str | Path) -> Path:
+    """The label sub-folder of data folder ``root``: ``labels/`` or ``masks/`` if one exists
+    (in that order), else ``labels/`` (where a new folder's labels go)."""
+    root = Path(root)
+    for name in LABEL_FOLDER_NAMES:
+        if (root / name).is_dir():
+            return root / name
+    return root / LABEL_FOLDER_NAMES[0]
+
+
+def strip_label_suffix(stem: str) -> str:
+    """``stem`` without a trailing label suffix (``a_masks`` -> ``a``; case-insensitive)."""
+    lowered = stem.lower()
+    for suffix in LABEL_SUFFIXES:
+        if lowered.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def label_stems(name: str) -> set[str]:
+    """Every label-file stem that pairs with image stem ``name``."""
+    return {name} | {name + suffix for suffix in LABEL_SUFFIXES}
+
+
+def label_files(folder: str | Path) -> dict[str, Path]:
+    """Label files of a folder keyed by the image stem they belong to (for ``evaluate``).
+
+    ``folder`` is a data folder (its ``labels/`` or ``masks/`` is used; a dataset root with
+    ``train/`` resolves as for training) or a folder of label files itself. Label suffixes
+    are removed from the stems (``a_labels.tif`` -> ``a``).
+
+    Raises
+    ------
+    DataError
+        If two files map to the same stem (e.g. ``a.tif`` and ``a_labels.tif``).
+    """
+    root = resolve_data_dir(folder)
+    directory = label_folder(root)
+    if not directory.is_dir():
+        directory = Path(folder)
+    files: dict[str, Path] = {}
+    for path in _image_files(directory):
+        stem = strip_label_suffix(path.stem)
+        if stem in files:
+            raise DataError(path, f"and {files[stem].name} both hold labels of {stem!r}")
+        files[stem] = path
+    return files
+
+
 def _label_key(label_stem: str, image_stems: set[str]) -> str:
     """Image stem a label file belongs to (its own stem, or minus a label suffix)."""
     if label_stem in image_stems:
@@ -102,6 +151,7 @@ def _scan(directory: str | Path) -> _Scan:
         return scan
 
     image_dir = root / "images"
+    # label_folder() picks the first of these; both existing is worth a warning.
     label_dirs = [root / name for name in LABEL_FOLDER_NAMES if (root / name).is_dir()]
     if not image_dir.is_dir():
         scan.problems.append(

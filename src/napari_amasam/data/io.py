@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_amasam.errors import DataError
+from napari_amasam.errors import DataError, os_error_problem
 
 #: File suffixes (lower case) read as images or labels.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -27,6 +27,17 @@ _HIGH_PERCENTILE = 99.8
 
 class BinaryLabelsWarning(UserWarning):
     """A label file holds a binary mask; it was split into connected components."""
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The operating-system error (with an errno) behind ``exc``, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -55,6 +66,10 @@ def _read_array(path: Path) -> np.ndarray:
             # Pillow directly: letting imageio try every plugin is slow and noisy on bad files.
             array = iio.imread(path, plugin="pillow")
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the same to the user
+        os_error = _os_error_in(exc)
+        if os_error is not None:
+            # imageio wraps the real cause ("error initializing plugin pillow"): name it.
+            raise DataError(path, f"cannot be read: {os_error_problem(os_error)}") from exc
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "can not handle" in message:
             # imageio's wording when the decoder does not recognise the bytes at all.

@@ -48,19 +48,23 @@ def _smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     return ndi.gaussian_filter(image, sigma) if sigma > 0 else image
 
 
-def _smooth_within(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+def _smooth_within(
+    image: np.ndarray, mask: np.ndarray, sigma: float, denominator: np.ndarray | None = None
+) -> np.ndarray:
     """Gaussian smoothing that averages over ``mask`` pixels only (normalised convolution).
 
     The distance heads are unconstrained outside the foreground (their loss is masked there)
     and the targets are 0 outside, so plain smoothing pulls rim values towards whatever lies
     outside and can create spurious seeds along object borders. Inside ``mask`` this is a
     weighted mean of inside pixels only; outside it is left at 1 (far from any centre).
+    ``denominator`` (the smoothed mask) may be passed in when maps share mask and sigma.
     """
     if sigma <= 0:
         return np.where(mask, image, 1.0).astype(np.float32)
     weight = mask.astype(np.float32)
     numerator = ndi.gaussian_filter(image * weight, sigma)
-    denominator = ndi.gaussian_filter(weight, sigma)
+    if denominator is None:
+        denominator = ndi.gaussian_filter(weight, sigma)
     out = np.ones_like(image)
     out[mask] = numerator[mask] / np.maximum(denominator[mask], 1e-6)
     return out
@@ -97,9 +101,23 @@ def fill_holes_per_object(labels: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     labels : (H, W) integer array
+
+    Notes
+    -----
+    An object's holes are background enclosed by it, hence also holes of the whole
+    foreground (background not 4-connected to the image border, as ``binary_fill_holes``
+    defines them); objects whose bounding box holds no such pixel are skipped, which
+    leaves the result unchanged and the loop short.
     """
+    background, _ = ndi.label(labels == 0)  # 4-connected components
+    border = np.unique(np.concatenate(
+        [background[0], background[-1], background[:, 0], background[:, -1]]
+    ))
+    enclosed = (background > 0) & ~np.isin(background, border)
+    if not enclosed.any():
+        return labels
     for obj_id, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is None:
+        if box is None or not enclosed[box].any():
             continue
         crop = labels[box]
         mask = crop == obj_id
@@ -179,8 +197,10 @@ def watershed_from_distances(
     if not fg_mask.any():
         return np.zeros(fg.shape, np.int32)
     sigma = cfg.sigma_distance * scale
-    cdist_s = _smooth_within(cdist, fg_mask, sigma)
-    bdist_s = _smooth_within(bdist, fg_mask, sigma)
+    # one smoothed mask serves both maps (normalised convolution's denominator)
+    denominator = ndi.gaussian_filter(fg_mask.astype(np.float32), sigma) if sigma > 0 else None
+    cdist_s = _smooth_within(cdist, fg_mask, sigma, denominator)
+    bdist_s = _smooth_within(bdist, fg_mask, sigma, denominator)
     seed_mask = (
         (cdist_s < cfg.center_distance_threshold)
         & (bdist_s < cfg.boundary_distance_threshold)

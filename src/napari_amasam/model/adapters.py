@@ -14,13 +14,10 @@ are unchanged and only ``blocks.i.adapter.*`` is new.
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.image_encoder import (
-    Block,
-    ImageEncoderViT,
-    window_partition,
-    window_unpartition,
-)
+from segment_anything.modeling.image_encoder import Block, ImageEncoderViT
 from torch import nn
+
+from .fast_attention import windowed_attention
 
 
 class MLPAdapter(nn.Module):
@@ -84,15 +81,9 @@ class AdaptedBlock(Block):
         return self.window_size == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            height, width = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-        x = self.attn(x)
-        if self.window_size > 0:
-            x = window_unpartition(x, self.window_size, pad_hw, (height, width))
-        x = shortcut + x
+        # window_partition -> attn -> window_unpartition (projecting only the real tokens
+        # when the attention is on the fast path)
+        x = x + windowed_attention(self.attn, self.norm1(x), self.window_size)
         h = self.norm2(x)
         return x + self.mlp(h) + self.adapter_scale * self.adapter(h)
 

@@ -37,6 +37,7 @@ from .backbone import (
 from .cgrl import DomainDiscriminator, align_features
 from .coarse_head import CoarseHead
 from .fast_attention import enable_fast_attention, enable_fast_mlp
+from .fast_layers import enable_fast_layers
 from .hr_decoder import HRDecoder
 from .variants import AlignmentLayer, DecoderAdapter
 
@@ -120,9 +121,13 @@ class AmaSam(nn.Module):
             ),
         )
         if cfg.fast_attention:
-            # Exact re-implementation of SAM's attention/MLP forward; state_dict unchanged.
+            # Exact re-implementations (float rounding aside) of SAM's attention/MLP forward,
+            # of every LayerNorm2d and adapter, and of the HR-Decoder's full-resolution
+            # stage; state_dict unchanged. reference_attention() selects the originals.
             enable_fast_attention(self.sam)
             enable_fast_mlp(self.sam)
+            enable_fast_layers(self)
+            self.hr_decoder.fast_fusion = True
         # fixed at construction, so a trainer that freezes parts temporarily saves the same set
         self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 

@@ -33,6 +33,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 
+from .fast_attention import fast_attention_enabled
+from .fast_layers import conv2d_gelu, to_channels_last
 from .variants import DecoderAdapter
 
 ENSEMBLE_FACTOR = 4  # slices live at S/4; a 4x4 pixel ensemble restores S
@@ -41,7 +43,9 @@ UPSCALED_DIM = 32  # channels of SAM's output_upscaling (transformer_dim // 8)
 FUSION_DIM = 16  # channels of F_up and of the refinement R
 
 
-def pixel_ensemble(slices: torch.Tensor, factor: int = ENSEMBLE_FACTOR) -> torch.Tensor:
+def pixel_ensemble(
+    slices: torch.Tensor, factor: int = ENSEMBLE_FACTOR, channels_last: bool = False
+) -> torch.Tensor:
     """Pixel Ensemble Module: redistribute ``factor**2`` slices into one map per group.
 
     Parameters
@@ -53,13 +57,18 @@ def pixel_ensemble(slices: torch.Tensor, factor: int = ENSEMBLE_FACTOR) -> torch
     -------
     Tensor
         (B, G, factor*h, factor*w) with ``out[g, factor*y + i, factor*x + j] =
-        slices[g*factor**2 + factor*i + j, y, x]`` (i.e. ``PixelShuffle(factor)``).
+        slices[g*factor**2 + factor*i + j, y, x]`` (i.e. ``PixelShuffle(factor)``); with
+        ``channels_last`` the same values written in channels-last memory (the one copy
+        this makes goes straight to the layout the full-resolution convolutions prefer).
     """
     batch, channels, h, w = slices.shape
     groups = channels // (factor * factor)
     if groups * factor * factor != channels:
         raise ValueError(f"{channels} slices cannot form {factor}x{factor} pixel ensembles")
     x = slices.reshape(batch, groups, factor, factor, h, w)  # b, g, i, j, y, x
+    if channels_last:
+        x = x.permute(0, 4, 2, 5, 3, 1)  # b, y, i, x, j, g
+        return x.reshape(batch, factor * h, factor * w, groups).permute(0, 3, 1, 2)
     x = x.permute(0, 1, 4, 2, 5, 3)  # b, g, y, i, x, j
     return x.reshape(batch, groups, factor * h, factor * w)
 
@@ -157,6 +166,9 @@ class HRDecoder(nn.Module):
         )
         nn.init.zeros_(self.refine[-1].weight)  # fine == P + up4(coarse) at step 0
         nn.init.zeros_(self.refine[-1].bias)
+        #: full-resolution stage channels-last with the GELU fused (``model.fast_layers``);
+        #: set by AmaSam when ``ModelConfig.fast_attention`` is on
+        self.fast_fusion = False
 
     @property
     def sam_decoder(self) -> MaskDecoder:
@@ -229,19 +241,29 @@ class HRDecoder(nn.Module):
         )  # B, 32, 4h, 4w
         hyper = self.hypernetwork(slice_out)  # B, 16*num_maps, 32
         slices = (hyper @ features.flatten(2)).reshape(batch, -1, 4 * h, 4 * w)
-        maps = pixel_ensemble(slices)  # B, num_maps, 16h, 16w
+        # The full-resolution stage (22 channels at 16h x 16w) dominates the decoder's time:
+        # the fast path keeps it channels-last and fuses the GELU (same values to rounding).
+        fast = self.fast_fusion and fast_attention_enabled()
+        maps = pixel_ensemble(slices, channels_last=fast)  # B, num_maps, 16h, 16w
 
         full = (16 * h, 16 * w)
-        feature_up = F.interpolate(
-            self.feature_proj(embedding), size=full, mode="bilinear", align_corners=False
-        )
+        projected = self.feature_proj(embedding)
+        if fast:
+            projected = to_channels_last(projected)
+        feature_up = F.interpolate(projected, size=full, mode="bilinear", align_corners=False)
         parts = [maps, feature_up]
         if self.fuse_image:
             if image is None:
                 raise ValueError("fuse_image is on: the HR-Decoder needs the normalised image")
-            parts.append(image)
-        residual = self.refine(torch.cat(parts, dim=1))
+            parts.append(to_channels_last(image) if fast else image)
+        fused = torch.cat(parts, dim=1)
+        if fast and type(self.refine[1]) is nn.GELU and self.refine[1].approximate == "none":
+            residual = self.refine[2](conv2d_gelu(self.refine[0], fused))
+        else:
+            residual = self.refine(fused)
         coarse_up = F.interpolate(coarse_logits, size=full, mode="bilinear", align_corners=False)
         fine = maps[:, :1] + coarse_up + residual[:, :1]
-        distance = maps[:, 1:] + residual[:, 1:] if self.num_maps > 1 else None
+        distance = None
+        if self.num_maps > 1:
+            distance = (maps[:, 1:] + residual[:, 1:]).contiguous()
         return fine, distance

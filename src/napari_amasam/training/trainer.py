@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import random
+import shutil
 import threading
 import time
 from collections.abc import Generator
@@ -34,8 +35,12 @@ from .losses import LossWeights, amasam_loss
 from ..model_folder import (
     append_history,
     atomic_torch_save,
+    check_output_folder,
+    publish_folder,
     read_model_folder,
+    remove_temp_files,
     sha256_file,
+    staging_folder,
     torch_load,
     truncate_history,
     write_config,
@@ -89,12 +94,12 @@ def resume_config(model_dir: str | Path, epochs: int | None = None,
     folder = read_model_folder(model_dir)
     if folder.train is None:
         raise CheckpointError(f"{model_dir}: no training settings recorded (cannot resume)")
-    cfg = dataclasses.replace(folder.train, out=str(model_dir))
-    if epochs:
-        cfg.epochs = epochs
+    changes: dict[str, Any] = {"out": str(model_dir)}
+    if epochs is not None:
+        changes["epochs"] = epochs
     if max_steps is not None:
-        cfg.max_steps = max_steps
-    return cfg
+        changes["max_steps"] = max_steps
+    return dataclasses.replace(folder.train, **changes)  # validates the new values
 
 
 def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> dict[str, Any]:
@@ -179,12 +184,15 @@ def train(
     resume: bool = False,
     cancel: threading.Event | None = None,
     thresholds: PostprocessConfig | None = None,
+    overwrite: bool = False,
 ) -> Generator[Record, None, Path]:
     """Train an AMA-SAM model; yields progress records and returns the model folder.
 
     Raises ``DataError`` (all problems of all folders, one per line) before any training
     when the data are bad, ``CheckpointError``/``DeviceError``/``ConfigError`` for bad
-    settings. Nothing is written to ``cfg.out`` before those checks pass.
+    settings. Nothing is written to ``cfg.out`` before those checks pass. An existing model
+    folder is refused unless ``resume`` (continue it) or ``overwrite`` (replace it); a new
+    model is written into a staging folder renamed to ``cfg.out`` at its first save.
     """
     from ..data import DomainDataset, MultiDomainSampler, check_folders, find_pairs, split_train_val
     from ..data.io import read_image, read_labels
@@ -203,6 +211,9 @@ def train(
         # The recorded architecture always wins; ``cfg`` is usually ``resume_config(out)``.
         model_cfg, thresholds = folder.model, folder.thresholds
         cfg = dataclasses.replace(cfg, out=str(out))
+
+    else:
+        check_output_folder(out, overwrite)
 
     init_folder = None
     if cfg.init_from and not resume:
@@ -275,6 +286,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_step, best_dice = 0, -1.0
+    work = out  # where this run writes: a staging folder until a new model's first save
     if resume:
         state = torch_load(out / "last.pt", "training state")
         model.load_trainable_state_dict(state["model"])
@@ -285,31 +297,39 @@ def train(
         start_step, best_dice = int(state["step"]), float(state["best_dice"])
         _set_rng_state(state["rng"])
         if is_main:
-            truncate_history(out, start_step // steps_per_epoch)
+            remove_temp_files(out)  # left by a killed save
+            truncate_history(out, start_step)
         yield {"stage": "setup", "message": f"resumed at step {start_step}"}
     elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if model_cfg.backbone == "tiny":
-            atomic_torch_save(model.sam_state_dict(), base_sam)
-        write_config(out, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
-                     cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
-                                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
-        write_thresholds(out, thresholds)
+        work = staging_folder(out)
+        try:
+            if model_cfg.backbone == "tiny":
+                atomic_torch_save(model.sam_state_dict(), work / base_sam.name)
+            write_config(work, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
+                         cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
+                                        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
+            write_thresholds(work, thresholds)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # e.g. disk full: leave nothing half-made
+            raise
 
     train_model = dist_utils.wrap_model(model, device) if world > 1 else model
     weights = LossWeights(coarse=cfg.coarse_weight, distance=cfg.distance_weight, domain=cfg.domain_weight)
     use_domain = model_cfg.alignment != "none" and model_cfg.num_domains > 1
 
     def save(step: int, epoch: int, best: bool) -> Record:
+        nonlocal work
         state = {
             "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "epoch": epoch, "best_dice": best_dice, "rng": _rng_state(),
         }
-        atomic_torch_save(state, out / "last.pt")
-        if best or not (out / "best.pt").exists():
-            atomic_torch_save(state["model"], out / "best.pt")
-            atomic_torch_save(state["model"], out / "weights.pt")
+        atomic_torch_save(state, work / "last.pt")
+        if best or not (work / "best.pt").exists():
+            atomic_torch_save(state["model"], work / "best.pt")
+            atomic_torch_save(state["model"], work / "weights.pt")
+        if work != out:  # the new model is complete and loadable: put it in place
+            work = publish_folder(work, out)
         return {"stage": "save", "path": str(out), "step": step, "epoch": epoch, "best": best}
 
     def _loop():
@@ -368,7 +388,7 @@ def train(
                     row = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_losses)),
                            "lr": optimizer.param_groups[0]["lr"], "lam": lam}
                     row.update({f"val_{k}": v for k, v in metrics.items()})
-                    append_history(out, row)
+                    append_history(work, row)
                     yield save(step, epoch, is_best or not val_items)
                 epoch_losses = []
                 dist_utils.barrier()
@@ -384,6 +404,10 @@ def train(
         # The consumer stopped iterating (e.g. a napari worker quit): keep what was trained.
         if is_main and step > start_step:
             save(step, step // steps_per_epoch, best=False)
+        raise
+    except Exception:
+        if work != out:  # failed before its first save: nothing worth keeping
+            shutil.rmtree(work, ignore_errors=True)
         raise
 
     if cancelled and is_main:

@@ -1,0 +1,278 @@
+"""Whole-slide segmentation: memory vs slide size, seams, throughput, tissue skipped.
+
+Figures (printed, side by side in one run; nothing is asserted):
+
+1. **Memory.** Peak resident memory (RSS summed over the process tree: the CLI process, the
+   Dask nanny and worker) of ``napari-amasam segment SLIDE --model classical --out D`` on
+   synthetic slides of ``--sizes`` pixels a side (default 10240 and 20480), and its growth
+   from the smallest to the largest. Targets: < 2.5 GB, growth <= 30 %.
+2. **Seams.** A mosaic of the bundled real MoNuSeg tiles (512 px, 0.25 µm/px) as a pyramidal
+   TIFF, segmented by the slide path (384 px regions, so region borders cross nuclei and
+   tile seams) vs each tile alone vs the whole mosaic in one call; AJI against the
+   ground-truth label mosaic. Target: slide path within 0.01 AJI of per-tile.
+3. **Throughput** in seconds per mm² of tissue (the area left after tissue detection) at
+   the model's resolution, and the share of the slide skipped as glass, for the classical
+   baseline and (``--model DIR``) a trained tiny model.
+
+The synthetic slides are tiled from the same real tiles (random flips), laid out as tissue
+discs on glass, written as tiled pyramidal BigTIFFs at 0.25 µm/px without ever holding the
+slide in memory.
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/bench_slide.py --work /tmp/bench_slide \\
+        [--sizes 10240 20480] [--model TINY_MODEL_DIR] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from tests.slide_data import MONUSEG_MPP, monuseg_mosaic, monuseg_tiles  # noqa: E402
+
+SOURCE = 512  # side of the real tiles
+
+
+# ------------------------------------------------------------------------ synthetic slides
+def _tissue_grid(cells: int, seed: int = 0, pattern_cells: int = 20) -> np.ndarray:
+    """Which 512 px cells hold tissue: two discs (~41 cells, 10.8 Mpx, 0.67 mm²) in the
+    top-left ``pattern_cells`` square, glass elsewhere.
+
+    Every slide size gets the same tissue, so the work per run is the same and the peak
+    memory compares what grows with the slide itself (tissue mask, region plan, output
+    pyramid strips); it also keeps a 20k x 20k run to minutes on 2 shared cores.
+    """
+    rng = np.random.default_rng(seed)
+    n = min(cells, pattern_cells)
+    yy, xx = np.mgrid[:n, :n] + 0.5
+    pattern = np.zeros((n, n), bool)
+    for _ in range(2):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * n
+        radius = n * 0.13
+        pattern |= (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+    grid = np.zeros((cells, cells), bool)
+    grid[:n, :n] = pattern
+    return grid
+
+
+def write_synthetic_slide(path: Path, size: int, seed: int = 0) -> float:
+    """A ``size x size`` pyramidal tiled BigTIFF of real tiles on glass; returns tissue share."""
+    tiles = [t[0] for t in monuseg_tiles(7)]
+    cells = size // SOURCE
+    grid = _tissue_grid(cells, seed)
+    rng = np.random.default_rng(seed)
+    choice = rng.integers(0, len(tiles), (cells, cells))
+    flips = rng.integers(0, 4, (cells, cells))
+    glass = np.full((SOURCE, SOURCE, 3), 240, np.uint8)
+
+    levels = 1
+    while size // 2**levels >= 1024:
+        levels += 1
+    # Each source tile (and glass) pre-shrunk per level: a level-k TIFF tile is
+    # 2^k x 2^k cells of 512 / 2^k pixels, so no level is ever built whole.
+    shrunk = {}
+    for level in range(levels):
+        step = 2**level
+        side = SOURCE // step
+        shrunk[level] = [np.rint(t.reshape(side, step, side, step, 3).mean(axis=(1, 3)))
+                         .astype(np.uint8) for t in tiles + [glass]]
+
+    def cell(r: int, c: int, level: int) -> np.ndarray:
+        if not grid[r, c]:
+            return shrunk[level][-1]
+        tile = shrunk[level][choice[r, c]]
+        f = flips[r, c]
+        return tile[:: (-1 if f & 1 else 1), :: (-1 if f & 2 else 1)]
+
+    def level_tiles(level: int):
+        step = 2**level
+        for r in range(0, cells, step):
+            for c in range(0, cells, step):
+                block = np.full((SOURCE, SOURCE, 3), 240, np.uint8)
+                side = SOURCE // step
+                for i in range(min(step, cells - r)):
+                    for j in range(min(step, cells - c)):
+                        block[i * side:(i + 1) * side, j * side:(j + 1) * side] = cell(
+                            r + i, c + j, level)
+                yield block
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level in range(levels):
+            side = cells * SOURCE // 2**level
+            options = dict(shape=(side, side, 3), dtype=np.uint8, tile=(SOURCE, SOURCE),
+                           photometric="rgb", compression="zlib", metadata=None,
+                           resolution=(1e4 / (MONUSEG_MPP * 2**level),) * 2,
+                           resolutionunit="CENTIMETER")
+            if level == 0:
+                options["subifds"] = levels - 1
+            else:
+                options["subfiletype"] = 1
+            tif.write(level_tiles(level), **options)
+    return float(grid.mean())
+
+
+# ---------------------------------------------------------------------------- memory
+def _tree_rss(process) -> int:
+    import psutil
+
+    total = 0
+    for p in [process] + process.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_cli_measured(args: list[str]) -> tuple[float, int, str]:
+    """Run the CLI; (seconds, peak tree RSS in bytes, stdout+stderr tail)."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "napari_amasam.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    handle = psutil.Process(proc.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def poll():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss(handle))
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    output = proc.communicate()[0]
+    stop.set()
+    thread.join()
+    if proc.returncode:
+        raise RuntimeError(f"CLI failed ({proc.returncode}): {output[-2000:]}")
+    return time.perf_counter() - t0, peak, output[-600:]
+
+
+def _result_line(output: str) -> str:
+    return [line for line in output.splitlines() if " nuclei in " in line][-1]
+
+
+def memory_and_throughput(work: Path, sizes: list[int], workers: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        slide = work / f"synthetic_{size}.tif"
+        if not slide.exists():
+            share = write_synthetic_slide(slide, size)
+        else:
+            share = float(_tissue_grid(size // SOURCE).mean())
+        out = work / f"out_{size}"
+        seconds, peak, output = run_cli_measured(
+            ["segment", str(slide), "--model", "classical", "--out", str(out),
+             "--workers", str(workers)])
+        line = _result_line(output)
+        mm2 = float(line.split(" mm² to segment")[0].split(", ")[-1])
+        rows.append({"size": size, "seconds": seconds, "peak_gb": peak / 1e9,
+                     "tissue_mm2": mm2, "slide_mm2": (size * MONUSEG_MPP / 1e3) ** 2,
+                     "tissue_cells_share": share, "line": line})
+        print(f"  {size} x {size}: peak RSS {peak / 1e9:.2f} GB, {seconds:.0f} s, "
+              f"{mm2:.2f} mm² to segment of {(size * MONUSEG_MPP / 1e3) ** 2:.1f} mm² "
+              f"({seconds / mm2:.1f} s/mm², glass skipped {1 - mm2 / rows[-1]['slide_mm2']:.0%})",
+              flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- seams
+def seams(work: Path, model: str, rows: int = 2, cols: int = 3) -> dict:
+    from napari_amasam.inference.predictor import Predictor
+    from napari_amasam.metrics import evaluate_pair
+    from napari_amasam.slide.pipeline import segment_slide
+    from tests.slide_data import write_pyramidal_tiff
+
+    image, gt, tiles = monuseg_mosaic(rows, cols)
+    path = write_pyramidal_tiff(work / f"mosaic_{rows}x{cols}.tif", image, MONUSEG_MPP)
+    predictor = Predictor.classical() if model == "classical" else Predictor.from_folder(
+        model, device="cpu")
+    per_tile = np.zeros_like(gt)
+    offset = 0
+    t0 = time.perf_counter()
+    for i, (tile_image, _) in enumerate(tiles):
+        r, c = divmod(i, cols)
+        labels = predictor.segment(tile_image, input_mpp=MONUSEG_MPP)
+        window = (slice(r * SOURCE, (r + 1) * SOURCE), slice(c * SOURCE, (c + 1) * SOURCE))
+        per_tile[window] = np.where(labels > 0, labels + offset, 0)
+        offset += int(labels.max())
+    t_tile = time.perf_counter() - t0
+    whole = predictor.segment(image, input_mpp=MONUSEG_MPP)
+    name = "classical" if model == "classical" else "tiny"
+    result = segment_slide(path, model, work / f"mosaic_out_{name}", region_size=384,
+                           scheduler="serial", tissue=False, device="cpu")
+    slide_labels = tifffile.imread(result.labels_path).astype(np.int32)
+    # The same path with one region holding the whole mosaic: no region borders at all, so
+    # the difference to the 384 px run is what region seams cost, context effects aside.
+    single = segment_slide(path, model, work / f"mosaic_out_{name}_one", region_size=2048,
+                           scheduler="serial", tissue=False, device="cpu")
+    one_region = evaluate_pair(gt, tifffile.imread(single.labels_path).astype(np.int32))["aji"]
+    figures = {
+        "one_region": one_region,
+        "per_tile": evaluate_pair(gt, per_tile)["aji"],
+        "whole_image": evaluate_pair(gt, whole)["aji"],
+        "slide_path": evaluate_pair(gt, slide_labels)["aji"],
+        "slide_seconds": result.seconds, "per_tile_seconds": t_tile,
+        "mm2": result.tissue_mm2,
+    }
+    print(f"  {name}: AJI per-tile {figures['per_tile']:.4f}, whole mosaic "
+          f"{figures['whole_image']:.4f}, slide path (384 px regions) {figures['slide_path']:.4f}"
+          f" (slide - per-tile {figures['slide_path'] - figures['per_tile']:+.4f}), slide path "
+          f"one region {one_region:.4f} (384 px regions - one region "
+          f"{figures['slide_path'] - one_region:+.4f}); slide path "
+          f"{result.seconds:.1f} s for {result.tissue_mm2:.3f} mm² = "
+          f"{result.seconds / result.tissue_mm2:.0f} s/mm²", flush=True)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/bench_slide")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10240, 20480])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--model", help="trained model folder (e.g. tiny) for seams/throughput")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-seams", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"cpu_count": os.cpu_count()}
+    if not args.skip_seams:
+        print("seams: 2 x 3 mosaic of real MoNuSeg tiles (1024 x 1536 px, 0.25 µm/px)")
+        report["seams"] = {"classical": seams(work, "classical")}
+        if args.model:
+            report["seams"]["tiny"] = seams(work, args.model)
+    if not args.skip_memory:
+        print(f"memory and throughput: synthetic slides, classical, {args.workers} local worker(s)")
+        rows = memory_and_throughput(work, sorted(args.sizes), args.workers)
+        report["memory"] = rows
+        if len(rows) > 1:
+            growth = rows[-1]["peak_gb"] / rows[0]["peak_gb"] - 1
+            print(f"  peak RSS growth {rows[0]['size']} -> {rows[-1]['size']}: {growth:+.0%} "
+                  f"(slide area x{(rows[-1]['size'] / rows[0]['size']) ** 2:.0f})")
+            report["growth"] = growth
+    (work / "bench_slide.json").write_text(json.dumps(report, indent=1))
+    print(f"figures in {work / 'bench_slide.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

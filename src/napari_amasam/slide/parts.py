@@ -1,0 +1,175 @@
+"""Finished regions on disk: one compressed ``.npz`` part file per region, and resume.
+
+A run writes its parts into ``<out>/<stem>.parts/`` next to a ``plan.json`` that records
+everything the results depend on (slide, resolution, model, thresholds, regions, area). A
+part is written to a temporary name and renamed when complete, so a part file that exists
+is a finished region: a killed run restarted with the same plan skips those regions; a
+different plan (other model, settings or slide) clears the folder first. The folder is
+removed once the final outputs are written.
+
+Part file contents (``n`` nuclei owned by the region, local ids ``1..n``)::
+
+    labels        (h, w) uint32   owned nuclei only, cropped to their bounding box
+    origin        (2,) int64      processing-resolution (row, col) of labels[0, 0]
+    area, perimeter, eccentricity, mean_intensity, centroid_y, centroid_x
+                  (n,) float64    processing pixels; centroids in slide-wide coordinates
+    rings         (k,) uint8      JSON: n outlines, level-0 (x, y) vertex lists
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TABLE_COLUMNS = ("area", "perimeter", "eccentricity", "mean_intensity", "centroid_y", "centroid_x")
+PLAN_FILE = "plan.json"
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def part_name(index: int) -> str:
+    return f"region_{index:07d}.npz"
+
+
+def save_part(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[int, int],
+              table: dict[str, np.ndarray], rings: list) -> Path:
+    """Write one region's result atomically; returns the part's path."""
+    path = Path(folder) / part_name(index)
+    arrays = {name: np.asarray(table[name], np.float64) for name in TABLE_COLUMNS}
+    arrays["labels"] = np.asarray(labels, np.uint32)
+    arrays["origin"] = np.asarray(origin, np.int64)
+    arrays["rings"] = np.frombuffer(json.dumps(rings).encode(), np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    _atomic(path, write)
+    return path
+
+
+@dataclass
+class PartInfo:
+    """Where a finished part's labels sit, without its pixels.
+
+    Attributes
+    ----------
+    index : int
+    path : Path
+    origin : (row, col)
+    shape : (h, w)
+    count : int
+        Nuclei in the part.
+    first_id : int
+        Slide-wide id of its nucleus 1 is ``first_id + 1``.
+    """
+
+    index: int
+    path: Path
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    count: int
+    first_id: int = 0
+
+
+def read_part_info(path: Path) -> PartInfo:
+    with np.load(path) as part:
+        origin = tuple(int(v) for v in part["origin"])
+        count = int(part["area"].shape[0])
+        labels_shape = part["labels"].shape
+    index = int(path.stem.split("_")[1])
+    return PartInfo(index, path, origin, tuple(labels_shape), count)
+
+
+def load_part(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as part:
+        return {name: part[name] for name in part.files}
+
+
+class PartCache:
+    """A few parts' label crops in memory (least recently used dropped first)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._items: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+    def labels(self, info: PartInfo) -> np.ndarray:
+        if info.path in self._items:
+            self._items.move_to_end(info.path)
+            return self._items[info.path]
+        with np.load(info.path) as part:
+            labels = part["labels"]
+        self._items[info.path] = labels
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return labels
+
+
+class PartStore:
+    """The parts folder of one output: plan check, finished regions, cleanup.
+
+    Parameters
+    ----------
+    folder : Path
+        ``<out>/<stem>.parts``.
+    plan : dict
+        JSON-serialisable description of everything the results depend on.
+    """
+
+    def __init__(self, folder: str | Path, plan: dict):
+        self.folder = Path(folder)
+        self.plan = plan
+        self.plan_hash = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+    def open(self) -> set[int]:
+        """Prepare the folder; returns the indices of regions already finished.
+
+        A folder left by a different plan is emptied; stray temporary files are removed.
+        """
+        plan_path = self.folder / PLAN_FILE
+        same = False
+        if plan_path.is_file():
+            try:
+                same = json.loads(plan_path.read_text()).get("hash") == self.plan_hash
+            except (OSError, json.JSONDecodeError):
+                same = False
+        if not same and self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stray in self.folder.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
+        if not same:
+            text = json.dumps({"hash": self.plan_hash, "plan": self.plan}, indent=1)
+            _atomic(plan_path, lambda tmp: tmp.write_text(text))
+        return {int(p.stem.split("_")[1]) for p in self.folder.glob("region_*.npz")}
+
+    def infos(self, indices: list[int]) -> list[PartInfo]:
+        """Part infos in ``indices`` order, with slide-wide id offsets assigned."""
+        infos = []
+        next_id = 0
+        for index in indices:
+            info = read_part_info(self.folder / part_name(index))
+            info.first_id = next_id
+            next_id += info.count
+            infos.append(info)
+        return infos
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Final slide outputs, streamed from the part files (never a whole label image in memory).
+
+- :func:`write_labels_pyramid`: ``<stem>_labels.tif``, a tiled, zlib-compressed, pyramidal
+  BigTIFF of uint32 instance ids at the processing resolution, with its resolution tags
+  (so it opens at the right scale), readable whole by ``tifffile.imread`` and lazily by
+  ``tifffile.imread(..., aszarr=True)`` (a zarr group ``"0"``, ``"1"``, ...). Levels halve
+  by nearest-neighbour subsampling, so ids stay ids.
+- :func:`write_geojson` : QuPath detections with polygons in level-0 slide pixels.
+- :func:`write_csv` : one row per nucleus, measurements in µm and µm².
+
+Parts are pasted in region order where the output is still 0 (as the block-wise
+post-processing does), so where two regions' nuclei overlap by a few pixels the first
+keeps them. Each writer writes a temporary file and renames it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..export import _atomic_write
+from .parts import PartCache, PartInfo, load_part
+
+#: Tile side of the labels TIFF (pixels).
+TILE = 256
+#: Rows of tiles assembled at once (memory: width x STRIP_TILES*TILE x 4 bytes per level).
+STRIP_TILES = 4
+
+CSV_COLUMNS = ("label", "centroid_x", "centroid_y", "centroid_x_um", "centroid_y_um",
+               "area_um2", "perimeter_um", "eccentricity", "mean_intensity")
+
+
+def _paste_strip(strip: np.ndarray, row0: int, step: int, parts: list[PartInfo],
+                 cache: PartCache) -> None:
+    """Paste parts' ids (subsampled by ``step``) into rows ``row0..`` of a level strip."""
+    rows_here = strip.shape[0]
+    top, bottom = row0 * step, (row0 + rows_here) * step  # in level-0-of-labels pixels
+    for info in parts:
+        py0, px0 = info.origin
+        ph, pw = info.shape
+        if info.count == 0 or py0 >= bottom or py0 + ph <= top:
+            continue
+        labels = cache.labels(info)
+        # First label row/col that falls on the subsampled grid (multiples of step).
+        sy = (-py0) % step
+        sx = (-px0) % step
+        sub = labels[sy::step, sx::step]
+        gy0 = (py0 + sy) // step - row0
+        gx0 = (px0 + sx) // step
+        y0, y1 = max(0, gy0), min(rows_here, gy0 + sub.shape[0])
+        if y1 <= y0:
+            continue
+        block = sub[y0 - gy0 : y1 - gy0]
+        x1 = min(strip.shape[1], gx0 + block.shape[1])
+        block = block[:, : x1 - gx0]
+        target = strip[y0:y1, gx0:x1]
+        ids = np.where(block > 0, block + np.uint32(info.first_id), 0).astype(np.uint32)
+        free = (ids > 0) & (target == 0)
+        target[free] = ids[free]
+
+
+def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> Iterator[np.ndarray]:
+    """Row-major ``TILE x TILE`` uint32 tiles of one pyramid level (edge tiles zero-padded)."""
+    height, width = shape
+    cache = PartCache()
+    strip_rows = STRIP_TILES * TILE
+    padded_width = -(-width // TILE) * TILE
+    for row0 in range(0, height, strip_rows):
+        rows = min(strip_rows, height - row0)
+        strip = np.zeros((-(-rows // TILE) * TILE, padded_width), np.uint32)
+        _paste_strip(strip[:rows, :width], row0, step, parts, cache)
+        for ty in range(0, strip.shape[0], TILE):
+            for tx in range(0, padded_width, TILE):
+                yield strip[ty : ty + TILE, tx : tx + TILE]
+
+
+def pyramid_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Level shapes halving until the larger side fits in one tile."""
+    shapes = [tuple(shape)]
+    step = 1
+    while max(shapes[-1]) > TILE:
+        step *= 2
+        shapes.append((-(-shape[0] // step), -(-shape[1] // step)))
+    return shapes
+
+
+def write_labels_pyramid(path: str | Path, shape: tuple[int, int], parts: list[PartInfo],
+                         mpp: float) -> Path:
+    """Write the slide's labels as a pyramidal tiled BigTIFF (see module doc).
+
+    Parameters
+    ----------
+    path : str or Path
+    shape : (height, width)
+        Processing-resolution size.
+    parts : list of PartInfo
+        With ``first_id`` assigned (``PartStore.infos``).
+    mpp : float
+        Microns per pixel of the labels (written as resolution tags, in centimetres).
+    """
+    import tifffile
+
+    shapes = pyramid_shapes(shape)
+    resolution = (1e4 / mpp, 1e4 / mpp)
+
+    def write(tmp: Path) -> None:
+        with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+            for level, level_shape in enumerate(shapes):
+                options = dict(shape=level_shape, dtype=np.uint32, tile=(TILE, TILE),
+                               compression="zlib", resolutionunit="CENTIMETER",
+                               resolution=tuple(r / 2**level for r in resolution))
+                if level == 0:
+                    options.update(subifds=len(shapes) - 1, metadata=None,
+                                   description="napari-amasam nuclei instance labels")
+                else:
+                    options.update(subfiletype=1, metadata=None)
+                tif.write(_level_tiles(level_shape, 2**level, parts), **options)
+
+    return _atomic_write(path, write)
+
+
+def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, list]]:
+    """(slide-wide id, measurement row dict, outline ring) for every nucleus in order."""
+    for info in parts:
+        if info.count == 0:
+            continue
+        part = load_part(info.path)
+        rings = json.loads(part["rings"].tobytes().decode())
+        for i in range(info.count):
+            row = {name: float(part[name][i]) for name in
+                   ("area", "perimeter", "eccentricity", "mean_intensity", "centroid_y",
+                    "centroid_x")}
+            yield info.first_id + i + 1, row, rings[i]
+
+
+def _in_um(row: dict, mpp: float, downsample: float) -> dict:
+    """Processing-pixel measurements -> level-0 pixel centroids and µm / µm² values."""
+    # Processing pixel index i has its centre at level-0 index (i + 0.5) * d - 0.5.
+    cx = (row["centroid_x"] + 0.5) * downsample - 0.5
+    cy = (row["centroid_y"] + 0.5) * downsample - 0.5
+    slide_mpp = mpp / downsample
+    return {
+        "centroid_x": cx, "centroid_y": cy,
+        "centroid_x_um": cx * slide_mpp, "centroid_y_um": cy * slide_mpp,
+        "area_um2": row["area"] * mpp * mpp, "perimeter_um": row["perimeter"] * mpp,
+        "eccentricity": row["eccentricity"], "mean_intensity": row["mean_intensity"],
+    }
+
+
+def write_csv(path: str | Path, parts: list[PartInfo], mpp: float, downsample: float) -> Path:
+    """Per-nucleus measurements (columns :data:`CSV_COLUMNS`; centroids also in level-0 px).
+
+    Parameters
+    ----------
+    mpp : float
+        Microns per processing pixel.
+    downsample : float
+        Level-0 pixels per processing pixel.
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(CSV_COLUMNS)
+            for label, row, _ in _nuclei(parts):
+                values = _in_um(row, mpp, downsample)
+                writer.writerow([label] + ["" if math.isnan(values[c]) else f"{values[c]:.6g}"
+                                           for c in CSV_COLUMNS[1:]])
+
+    return _atomic_write(path, write)
+
+
+def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsample: float,
+                  classification: str = "Nucleus", color: tuple[int, int, int] = (255, 0, 0)
+                  ) -> Path:
+    """QuPath detections, one feature per nucleus, streamed feature by feature.
+
+    Polygons are in level-0 slide pixels (QuPath's pixel-edge convention, see ``export``);
+    ``measurements`` carry the µm values of the CSV and ``label`` the id in the labels TIFF.
+    """
+    import uuid
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as handle:
+            handle.write('{"type": "FeatureCollection", "features": [')
+            first = True
+            for label, row, ring in _nuclei(parts):
+                values = _in_um(row, mpp, downsample)
+                measurements = {
+                    "Area µm^2": values["area_um2"], "Perimeter µm": values["perimeter_um"],
+                    "Eccentricity": values["eccentricity"],
+                }
+                if not math.isnan(values["mean_intensity"]):
+                    measurements["Mean intensity"] = values["mean_intensity"]
+                feature = {
+                    "type": "Feature", "id": str(uuid.uuid4()),
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": {
+                        "objectType": "detection",
+                        "classification": {"name": classification, "color": list(color)},
+                        "measurements": measurements, "label": label,
+                    },
+                }
+                handle.write(("" if first else ",\n") + json.dumps(feature, ensure_ascii=False))
+                first = False
+            handle.write("]}\n")
+
+    return _atomic_write(path, write)
