@@ -114,7 +114,7 @@ class WindowEmbedding:
     coarse: torch.Tensor  # 1 x 1 x S/4 x S/4 logits
     dense: torch.Tensor  # 1 x 256 x S/16 x S/16 dense prompt
     image: torch.Tensor  # 1 x 3 x S x S normalised window
-    prior: torch.Tensor  # 1 x 32 x S/4 x S/4: convT(E) + convT(F_early) of the HR-Decoder
+    prior: torch.Tensor  # 1 x 32 x S/4 x S/4: convT(E) + convT(F_early) (+ stem skip)
     feature_up: torch.Tensor  # 1 x 16 x S x S: the HR-Decoder's F_up
     coarse_up: torch.Tensor  # 1 x 1 x S x S: the coarse logits upsampled
 
@@ -198,12 +198,17 @@ class PromptSession:
         x = model.preprocess(images)
         embedding, early = encode_with_early_features(model.sam.image_encoder, x,
                                                       model.early_index)
+        stem = model.sam.image_encoder.patch_embed
+        # The CPU backbone's convolutional stem hands its features to the decoder (skip).
+        skip = stem.pop_features() if hasattr(stem, "pop_features") else None
         if getattr(model, "alignment_layer", None) is not None:
             embedding = model.alignment_layer(embedding)
         coarse = model.coarse_head(embedding)
         decoder = model.hr_decoder
         full = (size, size)
         prior = decoder.embedding_up(embedding) + decoder.early_up(early)
+        if getattr(decoder, "skip_proj", None) is not None:  # prompt-independent too
+            prior = prior + decoder.skip_proj(skip)
         feature_up = F.interpolate(decoder.feature_proj(embedding), size=full, mode="bilinear",
                                    align_corners=False)
         coarse_up = F.interpolate(coarse, size=full, mode="bilinear", align_corners=False)
