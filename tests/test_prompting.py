@@ -130,12 +130,13 @@ def test_cached_embedding_reproduces_the_model_forward():
     torch.testing.assert_close(distance, expected.distance_logits)
 
 
-def test_regional_decode_equals_the_full_decoder():
+@pytest.mark.parametrize("backbone", ["tiny", "tiny_conv"])
+def test_regional_decode_equals_the_full_decoder(backbone):
     """The decoder run on the prompt's cells (plus halo) gives the full decoder's values."""
     from napari_amasam.model.amasam import build_amasam
 
     torch.manual_seed(0)
-    model = build_amasam(ModelConfig(**TINY)).eval()
+    model = build_amasam(ModelConfig(**{**TINY, "backbone": backbone})).eval()
     image = (np.random.default_rng(1).random((128, 128, 3)) * 255).astype(np.uint8)
     session = PromptSession(model, image)
     cached = session.embedding((0, 0))
@@ -147,9 +148,16 @@ def test_regional_decode_equals_the_full_decoder():
                                          boxes=torch.tensor([[30.0, 60.0, 60.0, 90.0]]),
                                          masks=None)
     with torch.no_grad():
+        stem = model.sam.image_encoder.patch_embed
+        skip = None
+        if hasattr(stem, "pop_features"):  # the conv stem's features, as AmaSam.forward
+            model(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+            model.sam.image_encoder(model.preprocess(
+                torch.from_numpy(image).permute(2, 0, 1)[None].float()))
+            skip = stem.pop_features()
         fine, distance = model.hr_decoder(
             cached.embedding, cached.early, cached.dense, model.sam.prompt_encoder.get_dense_pe(),
-            cached.coarse, cached.image, sparse_prompt=sparse)
+            cached.coarse, cached.image, skip=skip, sparse_prompt=sparse)
     expected = torch.sigmoid(torch.cat([fine, distance], dim=1)[0]).numpy()
     np.testing.assert_allclose(full, expected, atol=1e-5)
     for region in [(50, 100, 20, 70), (0, 20, 100, 128), (33, 34, 65, 97)]:
