@@ -203,6 +203,7 @@ class HRDecoder(nn.Module):
         coarse_logits: torch.Tensor,
         image: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
+        sparse_prompt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode full-resolution logits.
 
@@ -222,6 +223,9 @@ class HRDecoder(nn.Module):
             (B, 3, 16h, 16w) normalised input; required when ``fuse_image``.
         skip : Tensor, optional
             (B, skip_channels, 4h, 4w) stem features; required when ``skip_channels`` > 0.
+        sparse_prompt : Tensor, optional
+            (B, N, 256) point/box tokens from SAM's prompt encoder, appended to the output
+            tokens as SAM's mask decoder does (interactive correction, inference/prompting.py).
 
         Returns
         -------
@@ -236,13 +240,15 @@ class HRDecoder(nn.Module):
         n_sam = sam_tokens.shape[0]
         tokens = torch.cat([sam_tokens, self.slice_tokens], dim=0)
         tokens = tokens.unsqueeze(0).expand(batch, -1, -1)
+        if sparse_prompt is not None:
+            tokens = torch.cat([tokens, sparse_prompt.to(tokens.dtype)], dim=1)
         src = embedding + dense_prompt
         pos = image_pe.expand(batch, -1, -1, -1)
         if self.decoder_adapter is not None:
             hs, src = self.decoder_adapter(self.transformer, src, pos, tokens)
         else:
             hs, src = self.transformer(src, pos, tokens)
-        slice_out = hs[:, n_sam:]  # B, 16*num_maps, 256
+        slice_out = hs[:, n_sam : n_sam + self.slice_tokens.shape[0]]  # B, 16*num_maps, 256
         src = src.transpose(1, 2).reshape(batch, dim, h, w)
 
         features = (
