@@ -18,10 +18,11 @@ $(PY):
 # torch and torchvision are installed first and pinned together: segment_anything imports
 # torchvision, whose compiled operators must match the torch build exactly. These two
 # releases are a matching pair (and the ones this project's machines hold locally).
+# The wsi and bioimageio extras come too, so that the whole suite runs (no test skips them).
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[testing]"
+	$(PY) -m pip install -q -e ".[testing,wsi,bioimageio]"
 	touch $(STAMP)
 
 xlibs:

@@ -181,3 +181,13 @@ def test_instance_map_with_ids_1_and_2_is_not_split():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(labels_from_array(labels), labels)
+
+
+def test_16bit_rgb_scaled_by_type_range_not_percentiles(rgb):
+    # The same colours at 16 bits (x257) come back exactly: no stretch shifts the stain.
+    np.testing.assert_array_equal(as_rgb_uint8(rgb.astype(np.uint16) * 257), rgb)
+    dim = (rgb.astype(np.uint16) * 257 // 4).astype(np.uint16)  # a darker scan stays darker
+    assert as_rgb_uint8(dim).max() <= 64
+    # A declared 12-bit depth in uint16 storage.
+    twelve = (rgb.astype(np.float64) * 4095 / 255).round().astype(np.uint16)
+    assert np.abs(as_rgb_uint8(twelve, bit_depth=12).astype(int) - rgb).max() <= 1

@@ -10,9 +10,8 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
-from skimage.draw import polygon as fill_polygon
-
 from napari_amasam import export
+from napari_amasam.qupath_import import features_to_labels
 
 from .helpers import TNBC
 TNBC_ID = "01_1"
@@ -27,13 +26,7 @@ def real_crop() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rasterise(feature: dict, shape, offset=(0.0, 0.0), downsample=1.0) -> np.ndarray:
-    ring = np.asarray(feature["geometry"]["coordinates"][0], dtype=float)
-    cols = (ring[:, 0] - offset[1]) / downsample - 0.5  # pixel edges -> pixel centres
-    rows = (ring[:, 1] - offset[0]) / downsample - 0.5
-    mask = np.zeros(shape, bool)
-    rr, cc = fill_polygon(rows, cols, shape)
-    mask[rr, cc] = True
-    return mask
+    return features_to_labels([feature], shape, offset, downsample) > 0
 
 
 def test_geojson_polygons_rasterise_back_to_the_labels(real_crop):
@@ -46,9 +39,10 @@ def test_geojson_polygons_rasterise_back_to_the_labels(real_crop):
     assert sorted(f["properties"]["label"] for f in features) == ids.tolist()
     ious = []
     for feature in features:
-        ring = feature["geometry"]["coordinates"][0]
-        assert feature["geometry"]["type"] == "Polygon"
-        assert ring[0] == ring[-1] and len(ring) >= 4  # closed ring
+        geometry = feature["geometry"]
+        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+        for ring in (r for polygon in polygons for r in polygon):
+            assert ring[0] == ring[-1] and len(ring) >= 5  # closed ring, at least 4 corners
         truth = labels == feature["properties"]["label"]
         drawn = _rasterise(feature, labels.shape)
         ious.append((truth & drawn).sum() / (truth | drawn).sum())
@@ -57,8 +51,8 @@ def test_geojson_polygons_rasterise_back_to_the_labels(real_crop):
     props = features[0]["properties"]
     assert props["objectType"] == "detection"
     assert props["classification"] == {"name": "Nucleus", "color": list(export.DEFAULT_COLOR)}
-    assert props["measurements"]["area"] == (labels == props["label"]).sum()
-    assert 0 <= props["measurements"]["mean_intensity"] <= 255
+    assert props["measurements"]["Area px^2"] == (labels == props["label"]).sum()
+    assert 0 <= props["measurements"]["Mean intensity"] <= 255
     uuid.UUID(features[0]["id"])
     assert len({f["id"] for f in features}) == len(features)
 
@@ -102,7 +96,7 @@ def test_write_geojson_is_valid_json(tmp_path, real_crop):
 
 def test_empty_labels_give_empty_outputs(tmp_path):
     empty = np.zeros((16, 16), np.int32)
-    assert export.labels_to_geojson(empty) == {"type": "FeatureCollection", "features": []}
+    assert export.labels_to_geojson(empty)["features"] == []
     path = export.write_csv(tmp_path / "empty.csv", empty)
     assert path.read_text().splitlines() == [",".join(export.MEASUREMENT_COLUMNS)]
     columns = export.nucleus_measurements(empty)

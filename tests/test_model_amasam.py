@@ -12,8 +12,10 @@ from napari_amasam.model import AmaSam, AmaSamOutput, build_amasam
 
 
 def tiny_cfg(**kw) -> ModelConfig:
+    # frozen encoder, as AMA-SAM keeps a pretrained SAM (random backbones train by default)
     base = dict(backbone="tiny", image_size=128, tiny_embed_dim=64, tiny_depth=2,
-                tiny_heads=2, tiny_global_attn=(1,), tiny_window_size=7, num_domains=3)
+                tiny_heads=2, tiny_global_attn=(1,), tiny_window_size=7, num_domains=3,
+                trainable_backbone=False)
     base.update(kw)
     return ModelConfig(**base)
 

@@ -39,7 +39,7 @@ def assert_one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_registry_names():
-    assert set(MODEL_REGISTRY) == {"tiny", "vit_b", "vit_l", "vit_h"}
+    assert set(MODEL_REGISTRY) == {"tiny", "tiny_conv", "vit_b", "vit_l", "vit_h"}
     assert set(SAM_VARIANTS) == {"vit_b", "vit_l", "vit_h"}
 
 

@@ -62,10 +62,10 @@ def test_new_task_fine_tune_routed_task_and_adaptation(make_napari_viewer, tmp_p
     # "add as a new task" on a ca-sam model: a new folder with one task more
     folder = tmp_path / "corrected"
     shutil.copytree(data, folder)
-    segment.data_folder.setText(str(folder))
-    segment.finetune_mode.setCurrentIndex(1)
-    assert "new task" in segment.finetune_mode.currentText()
-    segment.fine_tune(epochs=1)
+    segment.training_data.folder.setText(str(folder))
+    segment.training_data.finetune_mode.setCurrentIndex(1)
+    assert "new task" in segment.training_data.finetune_mode.currentText()
+    segment.training_data.fine_tune(epochs=1)
     assert segment.last_error is None, segment.status.text()
     new = ca_sam.with_name("ca_task")
     assert [t["task"] for t in read_tasks(new)] == [0, 1]
@@ -74,11 +74,11 @@ def test_new_task_fine_tune_routed_task_and_adaptation(make_napari_viewer, tmp_p
 
     # ... refused for a model of another kind, with the reason
     segment.model.setCurrentText(str(sam_da))
-    assert segment.fine_tune(epochs=1) is None
+    assert segment.training_data.fine_tune(epochs=1) is None
     assert "needs a ca-sam model" in str(segment.last_error)
 
     # SAM-DA: adapt to the current image, only the adapter changes
-    segment.adapt_to_image(steps=2)
+    segment.training_data.adapt_to_image(steps=2)
     assert segment.last_error is None, segment.status.text()
     adapted = sam_da.with_name("da_adapted")
     doc = json.loads((adapted / "adaptation.json").read_text())

@@ -62,6 +62,19 @@ def tiny_model(primary_folder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def isolated_plugin_settings(plugin_settings, npe2pm):
+    """napari's plugin settings live in this test's tmp folder; the plugin is registered
+    from its manifest (npe2pm blocks plugin discovery)."""
+    from npe2 import PluginManifest
+
+    import napari_amasam
+
+    manifest = Path(napari_amasam.__file__).parent / "napari.yaml"
+    npe2pm.register(PluginManifest.from_file(manifest))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def no_worker_left_running():
     """After every test: no napari worker and no pooled Qt thread is still running."""
     yield
@@ -293,10 +306,10 @@ def test_segment_tiny_model_rethreshold_skips_network(make_napari_viewer, tiny_m
 
 def test_segment_batch_over_a_folder(make_napari_viewer, primary_folder, tmp_path):
     segment = _dock(make_napari_viewer(), "Segment nuclei")
-    segment.batch_geojson.setChecked(True)
-    segment.batch_csv.setChecked(True)
+    segment.batch.geojson.setChecked(True)
+    segment.batch.csv.setChecked(True)
     out = tmp_path / "batch"
-    segment.run_batch(str(primary_folder / "images"), str(out))
+    segment.batch.run(str(primary_folder / "images"), str(out))
     assert segment.last_error is None, segment.status.text()
     for i in range(4):
         labels = tifffile.imread(out / f"crop{i}_labels.tif")
@@ -318,14 +331,23 @@ def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, prim
     corrected[:20, :20] = corrected.max() + 1  # a user's brush stroke: a new nucleus
     viewer.layers["breast nuclei"].data = corrected
 
-    # The default destination is the primary folder recorded in the model's config.json.
+    # Defect 4: the default destination is a new folder beside the model, never the model's
+    # (possibly curated) primary folder, which stays untouched.
     segment.model.setCurrentText(str(tiny_model))
-    assert Path(segment.training_folder()) == primary_folder
+    segment._model_changed(str(tiny_model))
+    default = Path(segment.training_data.training_folder())
+    assert default == tiny_model.with_name(f"{tiny_model.name}_added_data")
+    assert default != primary_folder and not default.exists()
+    before = sorted(p.name for p in primary_folder.rglob("*"))
+    written = segment.training_data.add(name="default_pair")
+    assert written is not None and written[0].parent.parent == default
+    assert sorted(p.name for p in primary_folder.rglob("*")) == before
+    shutil.rmtree(default)
 
     folder = tmp_path / "mydata"
     shutil.copytree(primary_folder, folder)
-    segment.data_folder.setText(str(folder))
-    written = segment.add_to_training_data(name="corrected_1")
+    segment.training_data.folder.setText(str(folder))
+    written = segment.training_data.add(name="corrected_1")
     assert written is not None, segment.status.text()
     image_path, label_path = written
     assert image_path == folder / "images" / "corrected_1.png"
@@ -337,14 +359,14 @@ def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, prim
     # The same name again: refused with a message, nothing overwritten.
     before = label_path.read_bytes()
     viewer.layers["breast nuclei"].data = np.zeros_like(corrected)
-    assert segment.add_to_training_data(name="corrected_1") is None
+    assert segment.training_data.add(name="corrected_1") is None
     assert "already exists" in str(segment.last_error)
     assert "corrected_1" in str(segment.last_error)
     assert label_path.read_bytes() == before
 
     # Fine-tune the current model with that folder: a new model folder next to it.
     segment.device.setCurrentText("cpu")
-    segment.fine_tune(epochs=1)
+    segment.training_data.fine_tune(epochs=1)
     assert segment.last_error is None, segment.status.text()
     new = tiny_model.with_name(f"{tiny_model.name}_finetuned")
     assert (new / "weights.pt").is_file()
@@ -358,8 +380,8 @@ def test_add_to_training_data_and_fine_tune(make_napari_viewer, tiny_model, prim
 
 def test_fine_tune_refuses_classical(make_napari_viewer):
     segment = _dock(make_napari_viewer(), "Segment nuclei")
-    assert not segment.finetune_button.isEnabled()
-    assert segment.fine_tune() is None
+    assert not segment.training_data.finetune_button.isEnabled()
+    assert segment.training_data.fine_tune() is None
     assert "classical" in str(segment.last_error)
 
 
@@ -469,3 +491,338 @@ def test_job_cancel_stops_a_generator_at_its_next_record(engine_watches_cancel):
         assert len(seen) == 3
     else:  # inference: closed at the next record, nothing returned
         assert len(seen) == 2 and returned == [None]
+
+
+# ------------------------------------------------------------- issue 15: as a pathologist
+def _controls(widget):
+    """Every input control inside a dock widget (not the parts of combos, spin boxes or
+    tables)."""
+    from qtpy.QtWidgets import (
+        QAbstractButton,
+        QAbstractItemView,
+        QAbstractSpinBox,
+        QComboBox,
+        QLineEdit,
+        QWidget,
+    )
+
+    def is_part(w):
+        parent = w.parent()
+        while parent is not None and parent is not widget:
+            if isinstance(parent, (QComboBox, QAbstractSpinBox, QAbstractItemView)):
+                return True
+            parent = parent.parent()
+        return False
+
+    kinds = (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit)
+    return [w for w in widget.findChildren(QWidget) if isinstance(w, kinds) and not is_part(w)]
+
+
+def test_edits_survive_rethresholding(make_napari_viewer, tiny_model):
+    """Defect 1: a corrected nuclei layer is never overwritten; the new result is a new layer."""
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setCurrentText(str(tiny_model))
+    segment.device.setCurrentText("cpu")
+    segment.run()
+    assert segment.last_error is None, segment.status.text()
+    layer = viewer.layers["breast nuclei"]
+    # Re-thresholding an unedited result updates it in place.
+    segment.foreground.setValue(0.3)
+    segment.rethreshold()
+    assert len([n for n in viewer.layers if n.name.startswith("breast nuclei")]) == 1
+    # The user paints a nucleus (an undoable edit, as napari's brush makes).
+    new_id = int(np.asarray(layer.data).max()) + 1
+    rows, cols = np.mgrid[10:25, 10:25]
+    layer.data_setitem((rows.ravel(), cols.ravel()), new_id)
+    painted = np.asarray(layer.data).copy()
+    assert (painted == new_id).sum() == 225
+    # Any threshold change (or Run) must not destroy it.
+    segment.foreground.setValue(0.6)
+    segment.rethreshold()
+    assert segment.last_error is None, segment.status.text()
+    assert np.array_equal(np.asarray(layer.data), painted)
+    new_layer = viewer.layers["breast nuclei (2)"]
+    assert segment.labels_layer().name == new_layer.name
+    assert "kept" in segment.status.text()
+    # ...and the edit itself is still undoable.
+    layer.undo()
+    assert (np.asarray(layer.data) == new_id).sum() == 0
+    # The new, unedited layer is the one later runs update.
+    segment.foreground.setValue(0.5)
+    segment.run()
+    assert len([n for n in viewer.layers if n.name.startswith("breast nuclei")]) == 2
+
+
+def test_three_docked_widgets_fit_a_1600x1000_window(make_napari_viewer, qtbot):
+    """Defect 2: every control scrolls into reach; the window needs no more than 1000 px."""
+    from napari_amasam._widgets._layout import DOCK_MIN_HEIGHT
+
+    viewer = make_napari_viewer(show=True)
+    _add_sample(viewer)
+    docks = [_dock(viewer, name) for name in ("Train", "Segment nuclei", "Evaluate")]
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    qtbot.wait(50)
+    assert window.minimumSizeHint().height() <= 1000
+    assert window.minimumSize().height() <= 1000
+    assert window.height() <= 1000
+    for dock in docks:
+        assert dock.minimumSizeHint().height() <= DOCK_MIN_HEIGHT
+        controls = _controls(dock)
+        assert len(controls) >= 3
+        # Each control sits in the dock's scroll area, so scrolling reaches it.
+        assert all(dock.scroll.widget().isAncestorOf(c) for c in controls)
+        dock.scroll.ensureWidgetVisible(controls[-1])
+
+
+def test_16bit_rgb_segments_like_8bit(make_napari_viewer):
+    """Defect 3: the same H&E at 16 bits (x257) gives the same nuclei."""
+    viewer = make_napari_viewer()
+    image, _ = load_sample("monuseg_breast")
+    viewer.add_image(image, name="eight", rgb=True)
+    viewer.add_image(image.astype(np.uint16) * 257, name="sixteen", rgb=True)
+    segment = _dock(viewer, "Segment nuclei")
+    results = {}
+    for name in ("eight", "sixteen"):
+        segment.image_layer.setCurrentText(name)
+        segment.run()
+        assert segment.last_error is None, segment.status.text()
+        results[name] = np.asarray(viewer.layers[f"{name} nuclei"].data)
+    assert results["eight"].max() > 20
+    assert np.array_equal(results["eight"], results["sixteen"])
+
+
+def test_evaluate_defaults_pick_two_layers_and_follow_new_nuclei(make_napari_viewer):
+    """Defect 5: prediction != ground truth, a new nuclei layer becomes the prediction,
+    the whole table is visible."""
+    viewer = make_napari_viewer()
+    _, gt_layer = _add_sample(viewer)
+    evaluate = _dock(viewer, "Evaluate")
+    assert evaluate.ground_truth.currentText() == "breast ground truth"
+    assert evaluate.prediction.currentText() != "breast ground truth"
+    segment = _dock(viewer, "Segment nuclei")
+    segment.run()
+    assert evaluate.prediction.currentText() == "breast nuclei"
+    assert evaluate.ground_truth.currentText() == "breast ground truth"
+    metrics = evaluate.evaluate()
+    assert metrics["dice"] < 1.0
+    table = evaluate.table
+    rows = sum(table.rowHeight(i) for i in range(table.rowCount()))
+    assert table.rowCount() == 10
+    assert table.height() >= rows + table.horizontalHeader().height()
+    # The same layer twice is refused, not scored 1.000.
+    evaluate.prediction.setCurrentText("breast ground truth")
+    assert evaluate.evaluate() is None and "same layer" in str(evaluate.last_error)
+
+
+def test_measurements_built_in_the_worker_thread(make_napari_viewer, qtbot, monkeypatch):
+    """Defect 6: the per-nucleus table is computed off the UI thread."""
+    import threading
+
+    from napari_amasam._widgets import _segment
+
+    monkeypatch.setenv("NAPARI_AMASAM_NOTHREADS", "0")
+    threads = []
+    real = _segment.measure_nuclei
+
+    def spy(*args, **kwargs):  # records the thread, then does the real work
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_segment, "measure_nuclei", spy)
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    job = segment.run()
+    assert job.worker is not None
+    qtbot.waitUntil(lambda: not job.running, timeout=60000)
+    assert segment.last_error is None, segment.status.text()
+    assert threads and threads[0] is not threading.main_thread()
+    assert len(viewer.layers["breast nuclei"].features) > 0
+
+
+def test_worker_error_reported_once(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """Defect 7: one notification per error (not also napari's traceback notification)."""
+    from napari.utils.notifications import notification_manager
+
+    monkeypatch.setenv("NAPARI_AMASAM_NOTHREADS", "0")
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=128)
+    segment = _dock(viewer, "Segment nuclei")
+    (tmp_path / "not_a_model").mkdir()
+    segment.model.setCurrentText(str(tmp_path / "not_a_model"))
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        job = segment.run()
+        assert job.worker is not None
+        qtbot.waitUntil(lambda: not job.running, timeout=30000)
+        qtbot.wait(100)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    assert segment.last_error is not None and "not_a_model" in str(segment.last_error)
+    errors = [n for n in seen if "not_a_model" in str(n.message)]
+    assert len(errors) == 1, [str(n.message) for n in seen]
+    assert "error" in segment.status.text()
+
+
+def test_smaller_items(make_napari_viewer, tmp_path, monkeypatch):
+    """Defect 8: path box, stale error, export extension, tooltips, pixel size, samples."""
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=128)
+    train = _dock(viewer, "Train")
+    segment = _dock(viewer, "Segment nuclei")
+    evaluate = _dock(viewer, "Evaluate")
+    # The model box is wide enough to read a path; an error goes away once the user types.
+    assert segment.model.minimumSizeHint().width() >= 200
+    segment.model.setEditText(str(tmp_path / "nope"))
+    segment.model.lineEdit().editingFinished.emit()
+    assert "nope" in segment.model_status.text()
+    segment.model.setEditText(str(tmp_path / "nope2"))  # typing on
+    assert segment.model_status.text() == ""
+    # Export adds the extension of the chosen format.
+    segment.model.setCurrentText("classical")
+    segment.run()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "nuclei"),
+                                                      "QuPath GeoJSON (*.geojson)")))
+    segment._export_dialog()
+    assert (tmp_path / "nuclei.geojson").is_file()
+    # Every control has a tooltip.
+    for dock in (train, segment, evaluate):
+        missing = [f"{type(c).__name__} {getattr(c, 'text', lambda: '')()}"
+                   for c in _controls(dock) if not c.toolTip()]
+        assert not missing, missing
+    # The pixel size comes from the layer (metadata, or scale in µm) ...
+    assert segment.pixel_size.value() == pytest.approx(0.25)
+    image, _ = load_sample("monuseg_prostate")
+    viewer.add_image(image[:64, :64], name="scaled", rgb=True, scale=(0.5, 0.5), units="um")
+    segment.image_layer.setCurrentText("scaled")
+    assert segment.pixel_size.value() == pytest.approx(0.5)
+    # ... or from the file's resolution tags.
+    path = tmp_path / "tagged.tif"
+    tifffile.imwrite(path, image[:64, :64], resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    from napari.layers._source import layer_source
+
+    with layer_source(path=str(path)):  # as napari's file readers do
+        layer = viewer.add_image(tifffile.imread(path), name="tagged", rgb=True)
+    segment.image_layer.setCurrentText(layer.name)
+    assert segment.pixel_size.value() == pytest.approx(0.5)
+    # Train defaults on a CPU without a checkpoint: the tiny encoder, trained, as make demo.
+    assert train.backbone.currentText() == "tiny"
+    assert train.train_encoder.isChecked() and train.image_size.value() == 256
+    assert train.lr.value() == pytest.approx(1e-3)
+    train_cfg, model_cfg = (train.primary.setText("p"), train.output.setText("o"),
+                            train.configs())[-1]
+    assert model_cfg.trainable_backbone and model_cfg.backbone == "tiny"
+
+
+def test_samples_open_side_by_side(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "monuseg_breast")
+    viewer.open_sample(PLUGIN, "monuseg_prostate")
+    breast, prostate = viewer.layers["monuseg_breast"], viewer.layers["monuseg_prostate"]
+    (_, b1), (p0, _) = breast.extent.world[:, 1], prostate.extent.world[:, 1]
+    assert p0 >= b1  # the prostate tile starts right of the breast tile
+
+
+def test_settings_and_recent_models_persist(make_napari_viewer, tiny_model):
+    """#14: the model picker remembers recent models; settings outlive the session."""
+    from napari.settings import get_plugin_settings
+
+    viewer = make_napari_viewer()
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setEditText(str(tiny_model))
+    segment.model.lineEdit().editingFinished.emit()
+    segment.tile_size.setValue(96)
+    segment.batch.csv.setChecked(True)
+    settings = get_plugin_settings(PLUGIN)
+    assert settings.segment.recent_models.splitlines()[0] == str(tiny_model)
+    assert "recent_models" in settings.config_path.read_text()
+    viewer.close()
+    # A new session (the settings model re-read from its file).
+    from napari import settings as napari_settings
+
+    napari_settings._clear_plugin_settings_cache()
+    again = _dock(make_napari_viewer(), "Segment nuclei")
+    assert again.model.findText(str(tiny_model)) >= 0
+    assert again.tile_size.value() == 96 and again.batch.csv.isChecked()
+
+
+def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
+    """SAM-style correction: a box and points re-segment one nucleus on a cached embedding."""
+    viewer = make_napari_viewer()
+    image_layer, _ = _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setCurrentText(str(tiny_model))
+    segment.device.setCurrentText("cpu")
+    segment.foreground.setValue(0.0)  # the 2-step tiny model is unsure everywhere
+    segment.run()
+    layer = viewer.layers["breast nuclei"]
+    before = np.asarray(layer.data).copy()
+    encoder_calls = []
+    model = segment.predictor().model
+    model.sam.image_encoder.patch_embed.register_forward_hook(
+        lambda *a: encoder_calls.append(1))
+    points, boxes = segment.prompts.add_prompt_layers()
+    # A box (in the prompt layer's data coordinates, i.e. image pixels) -> one nucleus.
+    boxes.add_rectangles(np.array([[40, 40], [70, 70]]))
+    commit = segment.prompts.last_commit
+    assert segment.last_error is None, segment.status.text()
+    assert commit is not None, segment.status.text()
+    new_id = commit["id"]
+    assert new_id == before.max() + 1
+    mask = np.asarray(layer.data) == new_id
+    rows, cols = np.nonzero(mask)
+    assert mask.sum() == commit["area"] > 0
+    assert rows.min() >= 40 and rows.max() < 70 and cols.min() >= 40 and cols.max() < 70
+    assert len(encoder_calls) == 1
+    # A negative point in it re-segments the same nucleus without that point, with no
+    # encoder run (cached embedding).
+    r, c = rows[len(rows) // 2], cols[len(cols) // 2]
+    segment.prompts.point_type.setCurrentText("negative")
+    points.add(np.array([[r, c]]))
+    second = segment.prompts.last_commit
+    assert second["id"] != new_id and second["replaced"] == new_id
+    after = np.asarray(layer.data)
+    assert (after == new_id).sum() == 0 and after[r, c] != second["id"]
+    assert len(encoder_calls) == 1 and second["encoder_runs"] == 1
+    # Undo twice: the layer is back to the segmentation.
+    layer.undo()
+    layer.undo()
+    assert np.array_equal(np.asarray(layer.data), before)
+    # Prompts need a model: the classical baseline says so.
+    segment.model.setCurrentText("classical")
+    assert segment.prompts.segment_prompt() is None
+    assert "trained model" in str(segment.last_error)
+
+
+def test_empty_auxiliary_folder_error_names_that_folder(make_napari_viewer, primary_folder,
+                                                       tmp_path):
+    """Defect 8: the error of an empty auxiliary folder starts with its own path."""
+    train = _dock(make_napari_viewer(), "Train")
+    empty = tmp_path / "empty_aux"
+    (empty / "images").mkdir(parents=True)
+    (empty / "labels").mkdir()
+    train.primary.setText(str(primary_folder))
+    train.add_aux_folder(str(empty))
+    train.output.setText(str(tmp_path / "out"))
+    train.start()
+    assert train.last_error is not None
+    assert str(train.last_error).startswith(str(empty)), str(train.last_error)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_status_says_what_follows_the_last_step(make_napari_viewer):
+    """Defect 8: no 'eta 0 s' during the final validation and threshold tuning."""
+    train = _dock(make_napari_viewer(), "Train")
+    record = {"stage": "train", "epoch": 2, "epochs": 2, "step": 9, "total_steps": 10,
+              "loss": 0.5, "eta_s": 3.0}
+    train._on_record(record)
+    assert "eta 3 s" in train.status.text()
+    train._on_record({**record, "step": 10, "eta_s": 0.0})
+    assert "eta" not in train.status.text() and "validating" in train.status.text()

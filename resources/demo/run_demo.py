@@ -1,8 +1,9 @@
 """`make demo`: the main job end to end on bundled real H&E data, on a CPU in minutes.
 
-1. Train the tiny AMA-SAM backbone (random-weight SAM-shaped encoder; no pretrained SAM can
-   be shipped) on MoNuSeg crops as the primary domain plus TNBC as an auxiliary domain,
-   with the CGRL alignment, via ``napari-amasam train``.
+1. Train the ``tiny_conv`` AMA-SAM backbone (a random-weight SAM-shaped encoder with a
+   convolutional stem, trained from scratch: no pretrained SAM can be shipped) on MoNuSeg
+   crops as the primary domain plus TNBC as an auxiliary domain, with the CGRL alignment,
+   via ``napari-amasam train`` with its default settings for that backbone.
 2. Segment held-out MoNuSeg crops with the trained model and with the classical baseline
    (``napari-amasam segment``), writing label TIFFs, GeoJSON and CSV.
 3. Evaluate both against the ground truth (``napari-amasam evaluate``), print the table,
@@ -38,8 +39,8 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--steps-per-epoch", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the CLI's for tiny_conv")
+    parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
@@ -51,14 +52,17 @@ def main() -> int:
     out = Path(args.out)
     model_dir = out / "model"
     t0 = time.perf_counter()
-    print("== 1/3 training the tiny AMA-SAM (primary: MoNuSeg crops, auxiliary: TNBC) ==", flush=True)
+    print("== 1/3 training the tiny_conv AMA-SAM (primary: MoNuSeg crops, auxiliary: TNBC) ==", flush=True)
+    # The CLI's tiny_conv defaults (config.train_defaults): the encoder trains (random weights,
+    # nothing pretrained to keep), lr 1e-3 decaying per epoch, mild reversal (lambda_max 0.1).
+    length = []
+    if args.epochs:
+        length += ["--epochs", str(args.epochs)]
+    if args.steps_per_epoch:
+        length += ["--steps-per-epoch", str(args.steps_per_epoch)]
     code = cli([
         "train", "--primary", str(DATA / "monuseg_train"), "--aux", str(DATA / "tnbc_aux"),
-        "--out", str(model_dir), "--backbone", "tiny", "--image-size", "256",
-        # A random-weight backbone has nothing pretrained to keep, so it trains too; the
-        # adversarial term is kept mild (lambda_max 0.1) so it cannot swamp a from-scratch encoder.
-        "--trainable-backbone", "--alignment", "cgrl", "--lambda-max", "0.1", "--epochs", str(args.epochs),
-        "--steps-per-epoch", str(args.steps_per_epoch), "--batch-size", "4", "--lr", "1e-3",
+        "--out", str(model_dir), "--backbone", "tiny_conv", "--alignment", "cgrl", *length,
         "--mpp", "0.25", "--aux-mpp", "0.25", "--device", "cpu", "--threads", str(args.threads),
     ])
     if code:

@@ -1,4 +1,4 @@
-"""Command line: ``napari-amasam train | segment | evaluate``.
+"""Command line: ``napari-amasam train | segment | evaluate | export-model``.
 
 Bad arguments and bad data exit non-zero with a short message and no traceback
 (``NAPARI_AMASAM_DEBUG=1`` shows the traceback).
@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_write_text, remove_temp_files
-from .config import MODEL_KINDS, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .config import (
+    BACKBONES,
+    MODEL_KINDS,
+    RANDOM_BACKBONES,
+    ConfigError,
+    ModelConfig,
+    PostprocessConfig,
+    TrainConfig,
+    train_defaults,
+)
 from .errors import AmaSamError, describe_os_error
 
 EXIT_ERROR = 2
@@ -31,7 +40,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--primary", help="folder with images/ and labels/ (your data, domain 0)")
     p.add_argument("--aux", nargs="*", default=[], metavar="DIR", help="auxiliary folders (other domains)")
     p.add_argument("--out", help="model folder to write")
-    p.add_argument("--backbone", default="vit_b", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    p.add_argument("--backbone", default="vit_b", choices=list(BACKBONES),
+                   help="vit_b/l/h: official SAM (needs --checkpoint); tiny, tiny_conv: random-weight "
+                        "CPU backbones that train from scratch (tiny_conv: with a conv stem)")
     p.add_argument("--kind", default="amasam", choices=list(MODEL_KINDS),
                    help="amasam: encoder adapters + CGRL + HR-Decoder; sam-da: frozen SAM, only a "
                         "decoder adapter + prompt tokens train (<1%% of vit_b); ca-sam: frozen SAM + "
@@ -45,18 +56,23 @@ def add_train_parser(sub) -> None:
                    help="SAM-DA: learnable prompt tokens + adapters in the mask decoder")
     p.add_argument("--alignment-layer", type=int, default=0, metavar="BLOCKS",
                    help="CA-SAM: residual alignment blocks between encoder and decoder (0 = off)")
-    p.add_argument("--lambda-max", type=float, default=1.0,
-                   help="maximum gradient-reversal strength (warmed up over training)")
-    p.add_argument("--epochs", type=int, default=None, help="default 30 (resume: as recorded)")
+    p.add_argument("--lambda-max", type=float, default=None,
+                   help="maximum gradient-reversal strength (warmed up over training; default "
+                        "1.0 for vit_*, 0.1 for tiny*)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default 30 for vit_*, 12 for tiny* (resume: as recorded)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (0 = no limit)")
-    p.add_argument("--steps-per-epoch", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="default: one pass over the primary images for vit_*, 40 for tiny*")
+    p.add_argument("--batch-size", type=int, default=None, help="default 4")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 for vit_*, 1e-3 for tiny*")
+    p.add_argument("--lr-gamma", type=float, default=None,
+                   help="learning-rate decay per epoch (default 0.98 for vit_*, 0.8 for tiny*)")
     p.add_argument("--image-size", type=int, default=None, help="network input side (default 1024; tiny 256)")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the primary data")
     p.add_argument("--aux-mpp", type=float, nargs="*", default=None, help="microns per pixel of each aux folder")
-    p.add_argument("--primary-share", type=float, default=0.5)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--primary-share", type=float, default=None, help="default 0.5")
+    p.add_argument("--val-fraction", type=float, default=None, help="default 0.2 for vit_*, 0.1 for tiny*")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -64,8 +80,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (when the new one is first saved)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainable-backbone", action="store_true",
-                   help="also train the encoder (only sensible for the random-weight tiny backbone)")
+    p.add_argument("--trainable-backbone", action="store_true", default=None,
+                   help="also train the encoder (the default for the random-weight tiny backbones)")
+    p.add_argument("--frozen-backbone", dest="trainable_backbone", action="store_false",
+                   help="train only the added parts, also for tiny backbones")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -106,17 +124,26 @@ def cmd_train(args) -> int:
     from .training.trainer import resume_config, train
 
     if args.continue_from:
+        if args.resume:
+            return _fail("give either --resume MODEL_DIR or --continue-from MODEL_DIR, not both")
         if not args.primary or not args.out:
             return _fail("train --continue-from needs --primary DIR (the new task) and --out MODEL_DIR")
+        model_cfg = read_model_folder(args.continue_from).model  # the trainer adds the task
+        # The existing model's backbone decides the defaults of settings not given here.
+        defaults = train_defaults(model_cfg.backbone)
+        given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr",
+                                                "lr_gamma", "primary_share", "val_fraction")
+                 if getattr(args, k) is not None}
+        settings = {**defaults, **given}
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=args.epochs or 30, max_steps=args.max_steps or 0,
-            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr,
-            mpp=args.mpp, aux_mpp=args.aux_mpp, primary_share=args.primary_share,
-            val_fraction=args.val_fraction, augment=not args.no_augment, device=args.device,
-            seed=args.seed, num_threads=args.threads, continue_from=args.continue_from,
+            epochs=settings["epochs"], max_steps=0 if args.max_steps is None else args.max_steps,
+            steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
+            lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
+            primary_share=settings["primary_share"], val_fraction=settings["val_fraction"],
+            augment=not args.no_augment, device=args.device, seed=args.seed,
+            num_threads=args.threads, continue_from=args.continue_from,
         )
-        model_cfg = read_model_folder(args.continue_from).model  # the trainer adds the task
     elif args.resume:
         # Recorded settings; --epochs / --max-steps given here extend the run.
         train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps)
@@ -124,22 +151,26 @@ def cmd_train(args) -> int:
     else:
         if not args.primary or not args.out:
             return _fail("train needs --primary DIR and --out MODEL_DIR (or --resume MODEL_DIR)")
-        if args.backbone != "tiny" and not args.checkpoint:
+        if args.backbone not in RANDOM_BACKBONES and not args.checkpoint:
             print(f"warning: no --checkpoint for {args.backbone}: the SAM encoder gets random "
                   "weights (download the official .pth once and pass its path)", file=sys.stderr)
-        image_size = args.image_size or (256 if args.backbone == "tiny" else 1024)
-        model_cfg = ModelConfig(backbone=args.backbone, image_size=image_size,
-                                alignment=args.alignment, lambda_max=args.lambda_max,
+        # Per-backbone defaults for every setting not given on the command line.
+        defaults = train_defaults(args.backbone)
+        given = {k: getattr(args, k) for k in ("image_size", "lambda_max", "epochs", "steps_per_epoch",
+                                                "batch_size", "lr", "lr_gamma", "primary_share",
+                                                "val_fraction") if getattr(args, k) is not None}
+        settings = {**defaults, **given}
+        model_cfg = ModelConfig(backbone=args.backbone, image_size=settings["image_size"],
+                                alignment=args.alignment, lambda_max=settings["lambda_max"],
                                 decoder_adapter=args.decoder_adapter,
                                 alignment_layer_blocks=args.alignment_layer,
                                 trainable_backbone=args.trainable_backbone, kind=args.kind)
         train_cfg = TrainConfig(
             primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=30 if args.epochs is None else args.epochs,
-            max_steps=0 if args.max_steps is None else args.max_steps,
-            steps_per_epoch=args.steps_per_epoch,
-            batch_size=args.batch_size, lr=args.lr, mpp=args.mpp, aux_mpp=args.aux_mpp,
-            primary_share=args.primary_share, val_fraction=args.val_fraction,
+            epochs=settings["epochs"], max_steps=0 if args.max_steps is None else args.max_steps,
+            steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
+            lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
+            primary_share=settings["primary_share"], val_fraction=settings["val_fraction"],
             augment=not args.no_augment, device=args.device, seed=args.seed,
             num_threads=args.threads,
         )
@@ -206,7 +237,8 @@ def cmd_adapt(args) -> int:
 def add_segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="segment nuclei in images with a model folder or the classical baseline")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--model", required=True, help="model folder, or 'classical'")
+    p.add_argument("--model", required=True,
+                   help="model folder, bioimage.io package (.zip or folder) exported by export-model, or 'classical'")
     p.add_argument("--checkpoint", help="base SAM checkpoint (if not at the recorded path)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--geojson", action="store_true", help="also write QuPath GeoJSON")
@@ -216,6 +248,8 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the inputs")
     p.add_argument("--thresholds", help="JSON file overriding the model's thresholds.json")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the maps over 8 flips/rotations (8x slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
@@ -315,14 +349,14 @@ def cmd_segment(args) -> int:
             image = read_image(path)
             labels = predictor.segment(image, tile_size=args.tile_size, overlap=args.overlap,
                                        batch_size=args.batch_size, input_mpp=args.mpp,
-                                       thresholds=thresholds)
+                                       thresholds=thresholds, tta=args.tta)
         except AmaSamError as exc:
             print(f"skipped: {exc}", file=sys.stderr)
             failed += 1
             continue
         write_labels_tiff(out / f"{path.stem}_labels.tif", labels)
         if args.geojson:
-            write_geojson(out / f"{path.stem}.geojson", labels, image=image)
+            write_geojson(out / f"{path.stem}.geojson", labels, image=image, mpp=args.mpp)
         if args.csv:
             write_csv(out / f"{path.stem}.csv", labels, image=image)
         n = int(labels.max())
@@ -399,6 +433,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- export-model
+def add_export_model_parser(sub) -> None:
+    p = sub.add_parser("export-model", help="write a model folder as a bioimage.io model package")
+    p.add_argument("--model", required=True, help="trained model folder")
+    p.add_argument("--out", required=True, help="package to write: NAME.zip (or a folder)")
+    p.add_argument("--include-base", action="store_true",
+                   help="embed the base SAM weights (Apache-2.0) instead of recording their name + sha256")
+    p.add_argument("--checkpoint", help="base SAM checkpoint (if not at the recorded path)")
+    p.add_argument("--test-image", help="real image for the test tensors and cover (default: bundled sample)")
+    p.add_argument("--name", help="package name")
+    p.add_argument("--author", action="append", default=None, help="author name (repeatable)")
+    p.add_argument("--data-citation", help="training data reference, e.g. 'MoNuSeg 2018 (Kumar et al.)'")
+    p.add_argument("--data-licence", default="unspecified", help="training data licence (SPDX id)")
+    p.add_argument("--licence", default="BSD-3-Clause", help="package licence (SPDX id)")
+    p.add_argument("--no-torchscript", action="store_true", help="state-dict weights only")
+    p.add_argument("--no-validate", action="store_true", help="skip the bioimageio.core check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export_model)
+
+
+def cmd_export_model(args) -> int:
+    from .bioimageio_package import export_model_package, validate_model_package
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        return _fail(f"{out}: already exists (pass --overwrite to replace it)")
+    t0 = time.perf_counter()
+    path = export_model_package(
+        args.model, out, include_base=args.include_base, checkpoint=args.checkpoint,
+        test_image=args.test_image, name=args.name, authors=args.author,
+        data_citation=args.data_citation, data_licence=args.data_licence, licence=args.licence,
+        torchscript=not args.no_torchscript,
+    )
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
+    if args.no_validate:
+        return 0
+    result = validate_model_package(path)
+    for line in result["checks"]:
+        print(f"  {line}")
+    if not result["passed"]:
+        for failure in result["failures"]:
+            print(f"failed: {failure}", file=sys.stderr)
+        return 1
+    print("bioimageio.core: package valid, test outputs reproduced")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -410,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_parser(sub)
     add_segment_parser(sub)
     add_evaluate_parser(sub)
+    add_export_model_parser(sub)
     return parser
 
 

@@ -16,6 +16,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: Backbones with no pretrained weights: built from a seed, stored in the model folder's
+#: ``base_sam.pt`` and trained by default (nothing pretrained to preserve).
+RANDOM_BACKBONES = ("tiny", "tiny_conv")
+BACKBONES = RANDOM_BACKBONES + ("vit_b", "vit_l", "vit_h")
+
 
 class ConfigError(ValueError):
     """A configuration value or file is invalid (the message names which)."""
@@ -87,8 +92,10 @@ class ModelConfig:
     ----------
     backbone : str
         SAM image-encoder variant: ``vit_b``, ``vit_l``, ``vit_h`` (official architectures,
-        need a checkpoint for meaningful weights) or ``tiny`` (same module classes, small,
-        random weights; for tests and the demo).
+        need a checkpoint for meaningful weights), ``tiny`` (same module classes, small,
+        random weights) or ``tiny_conv`` (``tiny`` with a convolutional stem in place of the
+        16x16 patch projection; its stride-4 features also feed the HR-Decoder: the CPU
+        backbone that learns from a few dozen images).
     image_size : int
         Network input side in pixels (SAM: 1024). Tiles are this size.
     tiny_embed_dim, tiny_depth, tiny_heads, tiny_global_attn : ...
@@ -122,9 +129,12 @@ class ModelConfig:
         CA-SAM variant: number of alignment residual blocks between encoder and decoder (0 = off).
     train_decoder_transformer : bool
         Un-freeze the copy of SAM's two-way transformer inside the HR-Decoder.
-    trainable_backbone : bool
-        Train the SAM encoder weights too. Only sensible for ``tiny`` random-weight backbones
-        (nothing pretrained to preserve); AMA-SAM keeps SAM frozen.
+    trainable_backbone : bool or None
+        Train the SAM encoder weights too. None (default) resolves to True for the random
+        backbones (``tiny``, ``tiny_conv``: adapters on frozen random features cannot learn
+        much) and False for ``vit_*`` (AMA-SAM keeps the pretrained SAM frozen); the model
+        folder records the resolved value. Kinds ``sam-da`` and ``ca-sam`` keep SAM frozen
+        (None resolves to False; True is an error).
     kind : str
         Model kind: ``amasam`` (encoder adapters + CGRL + HR-Decoder),
         ``sam-da`` (frozen SAM encoder and decoder; only a decoder adapter and prompt tokens
@@ -164,7 +174,7 @@ class ModelConfig:
     decoder_adapter: bool = False
     alignment_layer_blocks: int = 0
     train_decoder_transformer: bool = False
-    trainable_backbone: bool = False
+    trainable_backbone: bool | None = None
     fast_attention: bool = True
     precision: str = "auto"
     kind: str = "amasam"
@@ -183,10 +193,13 @@ class ModelConfig:
                               "SAM frozen")
         if self.kind == "ca-sam" and self.alignment_layer_blocks < 1:
             self.alignment_layer_blocks = 2  # CA-SAM needs its alignment layer (method.md 3.2)
-        if self.backbone not in ("tiny", "vit_b", "vit_l", "vit_h"):
+        if self.backbone not in BACKBONES:
             raise ConfigError(
-                f"backbone must be tiny, vit_b, vit_l or vit_h, not {self.backbone!r}"
+                f"backbone must be one of {', '.join(BACKBONES)}, not {self.backbone!r}"
             )
+        if self.trainable_backbone is None:
+            # sam-da / ca-sam keep SAM frozen whatever the backbone
+            self.trainable_backbone = self.kind == "amasam" and self.backbone in RANDOM_BACKBONES
         if self.alignment not in ("cgrl", "grl", "none"):
             raise ConfigError(f"alignment must be cgrl, grl or none, not {self.alignment!r}")
         if self.image_size % 64 != 0 or self.image_size < 64:
@@ -399,3 +412,29 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, data, "train config")
+
+
+def train_defaults(backbone: str) -> dict[str, Any]:
+    """Training settings a user gets for ``backbone`` when no flag overrides them.
+
+    ``vit_b/l/h`` keep the paper's protocol (method.md 1.3: Adam 1e-4, ExponentialLR 0.98 per
+    epoch, 30 epochs of one pass over the primary images, batch 4 with mixed domains, 1024 px,
+    lambda_max 1). The random ``tiny``/``tiny_conv`` backbones learn from scratch on a CPU:
+    256-px crops, a 10x larger learning rate that decays to ~7 % over 12 short epochs of 40
+    steps (about 20 minutes on a 2-core CPU), a mild reversal strength (0.1, so the
+    adversarial term cannot swamp an encoder that is still learning what a nucleus is), and
+    10 % of the primary images for validation (per-epoch validation stays a small share of
+    the run). Measured in benchmarks/bench_quality.py.
+
+    Returns
+    -------
+    dict
+        ``image_size`` and ``lambda_max`` (ModelConfig fields) and the TrainConfig fields
+        ``epochs``, ``steps_per_epoch``, ``batch_size``, ``lr``, ``lr_gamma``,
+        ``primary_share``, ``val_fraction``.
+    """
+    if backbone in RANDOM_BACKBONES:
+        return dict(image_size=256, lambda_max=0.1, epochs=12, steps_per_epoch=40, batch_size=4,
+                    lr=1e-3, lr_gamma=0.8, primary_share=0.5, val_fraction=0.1)
+    return dict(image_size=1024, lambda_max=1.0, epochs=30, steps_per_epoch=0, batch_size=4,
+                lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2)

@@ -3,18 +3,24 @@
 Coordinates
 -----------
 GeoJSON polygons use QuPath's convention: ``x`` = column, ``y`` = row, in full-resolution
-pixels, with pixel ``(row, col)`` covering the square ``[col, col+1) x [row, row+1)``. So the
-polygon traces pixel *edges*: a one-pixel nucleus at (row 5, col 7) is the diamond through
-(7, 5.5), (7.5, 5), (8, 5.5), (7.5, 6). To rasterise a polygon back onto the pixel grid
-(pixel centres at integer + 0.5), subtract 0.5 from each coordinate before
-``skimage.draw.polygon``.
+pixels, with pixel ``(row, col)`` covering the square ``[col, col+1) x [row, row+1)``. The
+polygons trace pixel *edges* exactly (a one-pixel nucleus at (row 5, col 7) is the square
+(7, 5), (8, 5), (8, 6), (7, 6)), so filling a polygon at pixel centres (integer + 0.5, never
+on an edge) gives back exactly the nucleus' pixels: ``qupath_import.features_to_labels``.
+A nucleus with holes is a Polygon with one inner ring per hole; a nucleus in several pieces
+is a MultiPolygon. Rings follow RFC 7946 (exterior counter-clockwise, holes clockwise, in
+the x-right / y-down image frame's shoelace sense: positive area outside, negative inside).
 
 A label map that is a crop or a downsampled copy of a larger image maps back through
 ``offset`` (row, col of the crop's top-left pixel, in full-resolution pixels) and
 ``downsample`` (full-resolution pixels per label pixel):
 ``x_full = offset[1] + x_label * downsample``, ``y_full = offset[0] + y_label * downsample``.
+A whole-slide caller passes the tile's level-0 position as ``offset``.
 
-Measurements (CSV and GeoJSON ``measurements``) are in pixels of the label map.
+Measurements: the CSV is in pixels of the label map. GeoJSON ``measurements`` use QuPath's
+names and full-resolution units: ``Area µm^2`` and ``Perimeter µm`` when the image's
+``mpp`` (microns per full-resolution pixel) is known, else ``Area px^2`` / ``Perimeter px``;
+``Solidity``, ``Eccentricity`` and ``Mean intensity`` (with the image).
 
 All writers write to a temporary file next to the target and ``os.replace`` it, so a
 crash never leaves a half-written file under the final name.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +38,11 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from scipy import ndimage as ndi
-from skimage.measure import approximate_polygon, find_contours, regionprops
+from skimage.measure import points_in_poly, regionprops
 
 from ._labels import check_label_map
 from .atomic import atomic_write
+from .qupath_import import IMAGE_SHAPE_KEY
 
 MEASUREMENT_COLUMNS = (
     "label",
@@ -43,6 +51,7 @@ MEASUREMENT_COLUMNS = (
     "centroid_x",
     "perimeter",
     "eccentricity",
+    "solidity",
     "mean_intensity",
 )
 
@@ -126,7 +135,7 @@ def nucleus_measurements(
     dict of column name -> (N,) array, N = number of nuclei, rows in increasing label order:
     ``label`` (int), ``area`` (pixels), ``centroid_y``, ``centroid_x`` (row, column),
     ``perimeter`` (pixels, skimage's 4-connected estimate), ``eccentricity`` (0 = circle),
-    ``mean_intensity``.
+    ``solidity`` (area / convex hull area), ``mean_intensity``.
     """
     arr = check_label_map(labels)
     grey = _grey(image, arr.shape)
@@ -139,6 +148,7 @@ def nucleus_measurements(
         "centroid_x": np.array([p.centroid[1] for p in props], dtype=float),
         "perimeter": np.array([p.perimeter for p in props], dtype=float),
         "eccentricity": np.array([p.eccentricity for p in props], dtype=float),
+        "solidity": np.array([p.solidity for p in props], dtype=float),
     }
     if grey is None or n == 0:
         columns["mean_intensity"] = np.full(n, np.nan)
@@ -179,8 +189,18 @@ def write_csv(path: str | Path, labels: np.ndarray, image: np.ndarray | None = N
 # ----------------------------------------------------------------------------- GeoJSON
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Closed outline of a binary mask at pixel-edge coordinates.
+# Directed unit edges of a pixel, clockwise on screen (y down), so the pixel is on the right:
+# (which neighbour must be background, start corner, end corner) with corners as (dx, dy).
+_PIXEL_EDGES = (
+    ((-1, 0), (0, 0), (1, 0)),  # top
+    ((0, 1), (1, 0), (1, 1)),  # right
+    ((1, 0), (1, 1), (0, 1)),  # bottom
+    ((0, -1), (0, 1), (0, 0)),  # left
+)
+
+
+def _pixel_edge_rings(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed rings along the pixel edges between ``mask`` and background.
 
     Parameters
     ----------
@@ -188,18 +208,103 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    (K, 2) float array of (row, col) vertices in the pixel-edge convention of the module
-    doc (first == last); the largest contour if the mask has several parts.
+    list of (K, 2) float arrays of (x, y) = (col, row) corners, first == last, collinear
+    corners dropped. Exterior rings have positive shoelace area, holes negative. Pixels
+    touching only at a corner belong to separate rings (4-connectivity).
     """
-    padded = np.pad(mask, 1).astype(np.float32)
-    contours = find_contours(padded, 0.5)
-    ring = max(contours, key=len)
-    # Drop collinear vertices along straight runs (exact: tolerance 0).
-    ring = approximate_polygon(ring, tolerance=0)
-    if not np.array_equal(ring[0], ring[-1]):
-        ring = np.vstack([ring, ring[:1]])
-    # -1 undoes the padding; +0.5 moves from pixel-centre indices to pixel-edge coordinates.
-    return ring - 1 + 0.5
+    padded = np.pad(mask, 1)
+    outgoing: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for (dr, dc), (x0, y0), (x1, y1) in _PIXEL_EDGES:
+        neighbour = padded[1 + dr : padded.shape[0] - 1 + dr, 1 + dc : padded.shape[1] - 1 + dc]
+        rows, cols = np.nonzero(mask & ~neighbour)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            outgoing.setdefault((c + x0, r + y0), []).append((c + x1, r + y1))
+    rings = []
+    while outgoing:
+        start = next(iter(outgoing))
+        ring = [start]
+        here, direction = start, None
+        while True:
+            ends = outgoing[here]
+            if len(ends) == 1 or direction is None:
+                end = ends.pop(0)
+            else:
+                # A corner shared by two diagonal pixels: turn right (towards the pixel we
+                # are tracing), which keeps corner-touching pixels in separate rings.
+                right = (-direction[1], direction[0])
+                end = next((e for e in ends if (e[0] - here[0], e[1] - here[1]) == right), ends[0])
+                ends.remove(end)
+            if not ends:
+                del outgoing[here]
+            direction = (end[0] - here[0], end[1] - here[1])
+            here = end
+            ring.append(here)
+            if here == start:
+                break
+        rings.append(_drop_collinear(np.asarray(ring, dtype=float)))
+    return rings
+
+
+def _drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """Keep the corners of a closed axis-aligned ring (first == last) where it turns."""
+    points = ring[:-1]
+    before = points - np.roll(points, 1, axis=0)
+    after = np.roll(points, -1, axis=0) - points
+    turns = (before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) != 0
+    kept = points[turns]
+    return np.vstack([kept, kept[:1]])
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) / 2)
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
+    """Polygons (exterior ring + hole rings) tracing a binary mask's pixel edges.
+
+    Parameters
+    ----------
+    mask : (h, w) bool array
+
+    Returns
+    -------
+    list of polygons, one per 4-connected piece; each a list of (K, 2) (x, y) rings in
+    mask pixel coordinates, exterior first (positive shoelace area), then its holes.
+    """
+    rings = _pixel_edge_rings(mask)
+    exteriors = [r for r in rings if _signed_area(r) > 0]
+    holes = [r for r in rings if _signed_area(r) < 0]
+    polygons = [[r] for r in exteriors]
+    for hole in holes:
+        if len(polygons) == 1:
+            polygons[0].append(hole)
+            continue
+        # The mask pixel right of the hole's first edge belongs to the piece around it.
+        (x0, y0), (x1, y1) = hole[0], hole[1]
+        dx, dy = x1 - x0, y1 - y0
+        probe = np.array([[(x0 + x1) / 2 - dy / 2, (y0 + y1) / 2 + dx / 2]])
+        owner = next(
+            (p for p in polygons if points_in_poly(probe, p[0])[0]), polygons[0]
+        )
+        owner.append(hole)
+    return polygons
+
+
+def _qupath_measurements(
+    table: dict[str, np.ndarray], row: int, downsample: float, mpp: float | None
+) -> dict[str, float]:
+    """QuPath-named measurements of one nucleus, full-resolution units (µm with ``mpp``)."""
+    area = float(table["area"][row]) * downsample**2
+    perimeter = float(table["perimeter"][row]) * downsample
+    if mpp:
+        values = {"Area µm^2": area * mpp**2, "Perimeter µm": perimeter * mpp}
+    else:
+        values = {"Area px^2": area, "Perimeter px": perimeter}
+    values["Solidity"] = float(table["solidity"][row])
+    values["Eccentricity"] = float(table["eccentricity"][row])
+    values["Mean intensity"] = float(table["mean_intensity"][row])
+    return {k: v for k, v in values.items() if np.isfinite(v)}  # JSON has no NaN
 
 
 def labels_to_geojson(
@@ -209,8 +314,9 @@ def labels_to_geojson(
     image: np.ndarray | None = None,
     classification: str = "Nucleus",
     color: tuple[int, int, int] = DEFAULT_COLOR,
+    mpp: float | None = None,
 ) -> dict:
-    """QuPath-compatible GeoJSON FeatureCollection: one Polygon detection per nucleus.
+    """QuPath-compatible GeoJSON FeatureCollection: one detection per nucleus.
 
     Parameters
     ----------
@@ -218,57 +324,69 @@ def labels_to_geojson(
         Instance map, 0 = background.
     offset : (row, col)
         Full-resolution position of the label map's top-left pixel (y, x order, as numpy
-        and napari index arrays).
+        and napari index arrays): a crop's origin or a slide tile's level-0 position.
     downsample : float
         Full-resolution pixels per label-map pixel.
     image : (H, W, 3) or (H, W) array, optional
-        For the ``mean_intensity`` measurement.
+        For the ``Mean intensity`` measurement.
     classification : str
         Class name of every nucleus.
     color : (r, g, b)
         Class colour shown by QuPath.
+    mpp : float, optional
+        Microns per full-resolution pixel; measurements in µm when given.
 
     Returns
     -------
     dict ``{"type": "FeatureCollection", "features": [...]}``; each feature has a uuid
-    ``id``, a closed ``Polygon`` ring in full-resolution (x, y), and properties
-    ``objectType`` ("detection"), ``classification`` {name, color}, ``measurements``
-    (label-map pixels; NaN values left out, JSON has no NaN) and ``label``.
+    ``id``, a ``Polygon`` (holes as inner rings) or ``MultiPolygon`` in full-resolution
+    (x, y), and properties ``objectType`` ("detection"), ``classification`` {name, color},
+    ``measurements`` (see the module doc) and ``label`` (the id in ``labels``). The
+    collection's ``napari_amasam_image_shape`` is the label map's full-resolution extent
+    ``offset + shape * downsample`` (rows, cols).
     """
     arr = check_label_map(labels)
     if downsample <= 0:
         raise ValueError(f"downsample must be positive, not {downsample}")
+    if mpp is not None and not mpp > 0:
+        raise ValueError(f"mpp must be positive, not {mpp}")
     off_y, off_x = (float(v) for v in offset)
     table = nucleus_measurements(arr, image)
     features = []
     boxes = ndi.find_objects(arr)
     for row, label in enumerate(table["label"]):
         box = boxes[label - 1]
-        ring = _outline(arr[box] == label)
-        ys = off_y + (ring[:, 0] + box[0].start) * downsample
-        xs = off_x + (ring[:, 1] + box[1].start) * downsample
-        measurements = {
-            name: float(table[name][row])
-            for name in MEASUREMENT_COLUMNS
-            if name != "label" and not np.isnan(table[name][row])
-        }
+        origin = np.array([box[1].start, box[0].start], dtype=float)  # (x, y) of the box
+        polygons = [
+            [
+                [[off_x + float(x) * downsample, off_y + float(y) * downsample]
+                 for x, y in (ring + origin)]
+                for ring in polygon
+            ]
+            for polygon in mask_to_polygons(arr[box] == label)
+        ]
+        geometry = (
+            {"type": "Polygon", "coordinates": polygons[0]}
+            if len(polygons) == 1
+            else {"type": "MultiPolygon", "coordinates": polygons}
+        )
         features.append(
             {
                 "type": "Feature",
                 "id": str(uuid.uuid4()),
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[float(x), float(y)] for x, y in zip(xs, ys, strict=True)]],
-                },
+                "geometry": geometry,
                 "properties": {
                     "objectType": "detection",
                     "classification": {"name": classification, "color": [int(c) for c in color]},
-                    "measurements": measurements,
+                    "measurements": _qupath_measurements(table, row, downsample, mpp),
                     "label": int(label),
                 },
             }
         )
-    return {"type": "FeatureCollection", "features": features}
+    # Foreign member (ignored by QuPath): the full-resolution extent of this label map, so
+    # the napari reader can rebuild a Labels layer of the image's size.
+    extent = [math.ceil(off_y + arr.shape[0] * downsample), math.ceil(off_x + arr.shape[1] * downsample)]
+    return {"type": "FeatureCollection", "features": features, IMAGE_SHAPE_KEY: extent}
 
 
 def write_geojson(path: str | Path, labels: np.ndarray, **kwargs) -> Path:

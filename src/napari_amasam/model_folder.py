@@ -45,7 +45,7 @@ from .atomic import (  # noqa: F401
     check_can_create,
     remove_temp_files,
 )
-from .config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .config import RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from .errors import CheckpointError, OutputError
 
 FORMAT_NAME = "napari-amasam-model"
@@ -155,8 +155,15 @@ def write_thresholds(path: str | Path, thresholds: PostprocessConfig) -> None:
 
 
 def read_model_folder(path: str | Path) -> ModelFolder:
-    """Read ``config.json`` and ``thresholds.json``; one-line errors for a bad folder."""
+    """Read ``config.json`` and ``thresholds.json``; one-line errors for a bad folder.
+
+    A bioimage.io package exported by this plugin (``.zip`` or folder) reads the same way.
+    """
+    from .bioimageio_package import is_model_package, read_package
+
     path = Path(path)
+    if is_model_package(path):
+        return read_package(path)
     config_path = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: model folder not found")
@@ -211,7 +218,7 @@ def resolve_base_checkpoint(folder: ModelFolder, checkpoint: str | Path | None) 
     For vit_* the explicit ``checkpoint`` wins, else the recorded path; its sha256 must match
     the recorded one, so a model is never silently combined with other SAM weights.
     """
-    if folder.model.backbone == "tiny":
+    if folder.model.backbone in RANDOM_BACKBONES:
         return folder.path / "base_sam.pt"
     recorded = folder.base_checkpoint
     candidate = Path(checkpoint) if checkpoint else None
@@ -367,16 +374,19 @@ def load_model(
     device: str | torch.device = "cpu",
     weights: str = "weights.pt",
 ):
-    """Rebuild a trained model from its folder, ready for inference.
+    """Rebuild a trained model from its folder (or bioimage.io package), ready for inference.
 
     Returns
     -------
     (AmaSam, ModelFolder)
         The model in eval mode on ``device`` and the folder's description.
     """
+    from .bioimageio_package import is_model_package, load_model_package
     from .device import resolve_device
     from .model import build_amasam
 
+    if is_model_package(path):  # a bioimage.io package exported by this plugin
+        return load_model_package(path, checkpoint=checkpoint, device=device)
     folder = read_model_folder(path)
     weights_path = folder.path / weights
     if not weights_path.is_file():

@@ -70,7 +70,9 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
     return None
 
 
-def precision_context(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+def precision_context(
+    dtype: torch.dtype | None, device: torch.device
+) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``, or a null context for float32."""
     if dtype is None:
         return contextlib.nullcontext()

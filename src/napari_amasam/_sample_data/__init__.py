@@ -39,14 +39,20 @@ def load_sample(stem: str) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
+#: Where each sample sits (row, column in pixels): side by side when both are open.
+SAMPLE_OFFSETS = {"monuseg_breast": (0, 0), "monuseg_prostate": (0, 544)}
+
+
 def _layers(stem: str) -> list[tuple]:
     image, labels = load_sample(stem)
     meta = {"source": CITATION, "mpp": SAMPLE_MPP, "sample": stem}
     scale = (SAMPLE_MPP, SAMPLE_MPP)
+    translate = tuple(v * SAMPLE_MPP for v in SAMPLE_OFFSETS[stem])
+    space = {"scale": scale, "translate": translate, "units": "um"}
     return [
-        (image, {"name": stem, "rgb": True, "metadata": meta, "scale": scale, "units": "um"}, "image"),
-        (labels, {"name": f"{stem} ground truth", "metadata": meta, "scale": scale,
-                  "units": "um", "opacity": 0.5}, "labels"),
+        (image, {"name": stem, "rgb": True, "metadata": meta, **space}, "image"),
+        (labels, {"name": f"{stem} ground truth", "metadata": meta, "opacity": 0.5, **space},
+         "labels"),
     ]
 
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFormLayout,
+    QHeaderView,
     QLabel,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ._common import report_error
+from ._layout import ScrollableDock, tip
 
 if TYPE_CHECKING:
     import napari
@@ -74,7 +76,7 @@ def error_map(gt: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[np.nd
     return errors, len(fp_ids), len(fn_ids)
 
 
-class EvaluateWidget(QWidget):
+class EvaluateWidget(ScrollableDock):
     """Compare a predicted Labels layer with a ground-truth one."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
@@ -82,44 +84,75 @@ class EvaluateWidget(QWidget):
         self.viewer = napari_viewer
         self.metrics: dict[str, float] = {}
         self.last_error: BaseException | None = None
-        layout = QVBoxLayout(self)
         form = QFormLayout()
-        self.prediction = QComboBox()
-        self.ground_truth = QComboBox()
+        self.prediction = tip(QComboBox(), "The Labels layer to score (default: the newest "
+                              "'<image> nuclei' layer)")
+        self.ground_truth = tip(QComboBox(), "The reference Labels layer (default: a layer "
+                                "named '... ground truth')")
         form.addRow("Prediction", self.prediction)
         form.addRow("Ground truth", self.ground_truth)
-        layout.addLayout(form)
-        self.evaluate_button = QPushButton("Evaluate")
+        self.content.addLayout(form)
+        self.evaluate_button = tip(QPushButton("Evaluate"), "Score the prediction and add a "
+                                   "layer marking false positives and missed nuclei")
         self.evaluate_button.clicked.connect(self.evaluate)
-        layout.addWidget(self.evaluate_button)
-        self.table = QTableWidget(0, 2)
+        self.content.addWidget(self.evaluate_button)
+        self.table = tip(QTableWidget(0, 2), "Dice, AJI, PQ and detection counts (IoU 0.5)")
         self.table.setHorizontalHeaderLabels(["metric", "value"])
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setStretchLastSection(True)
-        layout.addWidget(self.table)
+        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.content.addWidget(self.table)
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        layout.addWidget(self.status)
+        self.content.addWidget(self.status)
+        self.content.addStretch(1)
+        self._fit_table()
         self._refresh_layers()
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.inserted.connect(self._layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
 
-    def _refresh_layers(self, *_: Any) -> None:
+    def _fit_table(self) -> None:
+        """Make the table exactly as tall as its rows (the dock scrolls, not the table)."""
+        table = self.table
+        table.resizeRowsToContents()
+        rows = sum(table.rowHeight(i) for i in range(table.rowCount()))
+        header = table.horizontalHeader().sizeHint().height()
+        table.setFixedHeight(rows + header + 2 * table.frameWidth() + 2)
+
+    def _labels_names(self) -> list[str]:
         from napari.layers import Labels
 
-        names = [layer.name for layer in self.viewer.layers
-                 if isinstance(layer, Labels) and not layer.name.endswith(" errors")]
-        for combo, prefer in ((self.prediction, " nuclei"), (self.ground_truth, "ground truth")):
+        return [layer.name for layer in self.viewer.layers
+                if isinstance(layer, Labels) and not layer.name.endswith(" errors")]
+
+    def _layer_inserted(self, event: Any = None) -> None:
+        self._refresh_layers()
+        layer = getattr(event, "value", None)
+        # A new segmentation becomes the prediction to score.
+        if layer is not None and _is_prediction(layer.name) and \
+                self.prediction.findText(layer.name) >= 0:
+            self.prediction.setCurrentText(layer.name)
+
+    def _refresh_layers(self, *_: Any) -> None:
+        names = self._labels_names()
+        truths = [n for n in names if "ground truth" in n]
+        predictions = [n for n in names if _is_prediction(n)]
+        for combo in (self.ground_truth, self.prediction):
             current = combo.currentText()
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
             if current in names:
                 combo.setCurrentText(current)
-            else:  # sensible defaults: `<image> nuclei` vs `<image> ground truth`
-                preferred = [n for n in names if n.endswith(prefer)]
-                if preferred:
-                    combo.setCurrentText(preferred[0])
+            elif combo is self.ground_truth and truths:
+                combo.setCurrentText(truths[0])
+            elif combo is self.prediction:
+                # the newest segmentation, else any layer but the ground truth's
+                others = [n for n in names if n != self.ground_truth.currentText()]
+                choice = (predictions or others or [""])[-1]
+                combo.setCurrentIndex(combo.findText(choice))
             combo.blockSignals(False)
 
     def evaluate(self) -> dict[str, float] | None:
@@ -129,6 +162,9 @@ class EvaluateWidget(QWidget):
         pred_name, gt_name = self.prediction.currentText(), self.ground_truth.currentText()
         if not pred_name or not gt_name:
             return self._fail(ValueError("choose a prediction and a ground-truth Labels layer"))
+        if pred_name == gt_name:
+            return self._fail(ValueError(
+                f"{pred_name}: prediction and ground truth are the same layer; pick two"))
         pred_layer, gt_layer = self.viewer.layers[pred_name], self.viewer.layers[gt_name]
         pred, gt = np.asarray(pred_layer.data), np.asarray(gt_layer.data)
         if pred.shape != gt.shape:
@@ -148,6 +184,7 @@ class EvaluateWidget(QWidget):
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
             self.table.setItem(i, 1, QTableWidgetItem(text))
         self.table.resizeColumnsToContents()
+        self._fit_table()
         self._write_error_layer(pred_layer, errors)
         self.status.setText(f"{n_fp} false positives (magenta), {n_fn} missed nuclei (cyan)")
         return metrics
@@ -171,3 +208,10 @@ class EvaluateWidget(QWidget):
 
     def _fail(self, exc: BaseException) -> None:
         report_error(self, exc)
+
+
+def _is_prediction(name: str) -> bool:
+    """``<image> nuclei`` and its numbered copies (``<image> nuclei (2)``)."""
+    import re
+
+    return re.search(r" nuclei( \(\d+\))?$", name) is not None

@@ -1,47 +1,71 @@
 """Segment widget: an image layer + a model folder (or the classical baseline) -> Labels.
 
-Also: export, batch over a folder, "Add to training data" (the corrected labels become a new
-training pair) and "Fine-tune" (continue training the current model with that folder).
+The widget holds the form (image, pixel size, model, thresholds, tiling, device), runs the
+segmentation job and owns the sections below it, one file each: prompts
+(:mod:`._prompts`), batch (:mod:`._batch`), training data and fine-tuning
+(:mod:`._training_data_section`). Results go to the nuclei layer through
+:mod:`._nuclei_layer` (edits are never overwritten).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
-from ._common import PathPicker, Progress, device_combo, notify, report_error, trained_models
-from ._training_data import safe_stem, save_training_pair, unique_folder
+from ._batch import BatchSection
+from ._common import Progress, device_combo, notify, report_error, trained_models
+from ._export import ask_export_path, export_nuclei
+from ._layout import ScrollableDock, Section, tip
+from ._nuclei_layer import measure_nuclei, write_nuclei_layer
+from ._pixel_size import layer_mpp
+from ._prompts import PromptSection
+from ._settings import bind, recent_models, remember_model
+from ._training_data_section import TrainingDataSection
 from ._workers import Job
 
 if TYPE_CHECKING:
     import napari
 
 CLASSICAL = "classical"
-FINETUNE_CONTINUE = "continue training"
-FINETUNE_NEW_TASK = "add as a new task (no forgetting)"
-EXPORT_FILTER = "TIFF labels (*.tif);;QuPath GeoJSON (*.geojson);;Measurements CSV (*.csv)"
 
 
-class SegmentWidget(QWidget):
+def load_predictor(model_key: tuple):
+    """The engine's predictor for ``(model folder or 'classical', device[, precision])``
+    (worker-side; precision None = the model folder's)."""
+    from ..inference.predictor import Predictor
+
+    if model_key[0] == CLASSICAL:
+        return Predictor.classical()
+    precision = model_key[2] if len(model_key) > 2 else None
+    return Predictor.from_folder(model_key[0], device=model_key[1], precision=precision)
+
+
+@dataclasses.dataclass
+class Segmentation:
+    """What a segmentation job hands back to the UI thread."""
+
+    key: tuple
+    predictor: Any
+    predictor_key: tuple
+    labels: np.ndarray
+    maps: Any
+    features: Any
+    network_ran: bool
+
+
+class SegmentWidget(ScrollableDock):
     """Segment nuclei in an image layer into a ``<image> nuclei`` Labels layer.
 
     Attributes
@@ -66,131 +90,121 @@ class SegmentWidget(QWidget):
         self._predictor_key: tuple | None = None
         self._cache: dict[str, Any] = {"key": None, "maps": None}
         self._model_thresholds = None
+        self._outputs: dict[str, Any] = {}  # image layer name -> its latest nuclei layer
         self._build()
         self._refresh_layers()
         layers = self.viewer.layers
         layers.events.inserted.connect(self._refresh_layers)
         layers.events.removed.connect(self._refresh_layers)
         registry = trained_models()
-        for folder in registry.folders:
+        for folder in recent_models()[::-1] + registry.folders:
             self._add_model_choice(folder, select=False)
         registry.added.connect(self._on_model_trained)
         self.destroyed.connect(lambda *_: _disconnect(registry.added, self._on_model_trained))
 
     # ----------------------------------------------------------------------------- layout
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
-        main = QGroupBox("Segment")
-        form = QFormLayout(main)
-        self.image_layer = QComboBox()
-        self.model = QComboBox()
+        main = Section("Segment")
+        form = main.form
+        self.image_layer = tip(QComboBox(), "Image layer to segment (RGB H&E, any bit depth)")
+        self.image_layer.currentTextChanged.connect(self._image_changed)
+        self.pixel_size = tip(QDoubleSpinBox(), (
+            "Microns per pixel of this image (from the layer or its file when known; "
+            "40x is about 0.25, 20x about 0.5). The image is rescaled to the model's "
+            "training resolution. 'unknown' uses it as it is."))
+        self.pixel_size.setDecimals(3)
+        self.pixel_size.setRange(0.0, 50.0)
+        self.pixel_size.setSingleStep(0.05)
+        self.pixel_size.setSpecialValueText("unknown")
+        self.model = tip(QComboBox(), (
+            "'classical' (colour deconvolution baseline) or a trained model folder; "
+            "type a path and press Enter, or Browse. Recently used folders are listed."))
         self.model.setEditable(True)
+        self.model.setMinimumContentsLength(28)
+        self.model.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.model.addItem(CLASSICAL)
-        self.model.currentTextChanged.connect(self._model_changed)
-        browse = QPushButton("Browse…")
+        self.model.currentTextChanged.connect(self._model_text_changed)
+        self.model.lineEdit().editingFinished.connect(
+            lambda: self._model_changed(self.model_name()))
+        browse = tip(QPushButton("Browse…"), "Choose a trained model folder")
         browse.clicked.connect(self._browse_model)
         row = QHBoxLayout()
         row.addWidget(self.model, stretch=1)
         row.addWidget(browse)
-        self.tile_size = QSpinBox()
-        self.tile_size.setRange(0, 4096)
-        self.tile_size.setSpecialValueText("model input size")
-        self.overlap = QSpinBox()
-        self.overlap.setRange(-1, 2048)
-        self.overlap.setValue(-1)
-        self.overlap.setSpecialValueText("auto")
-        self.foreground = self._probability_box()
-        self.centre = self._probability_box()
-        self.boundary = self._probability_box()
-        self.min_size = QSpinBox()
-        self.min_size.setRange(0, 100000)
-        self.device = device_combo()
-        # "model default" = the folder's config.json precision (napari_amasam.precision)
-        self.precision = QComboBox()
-        self.precision.addItems(["model default", "auto", "fp32", "bf16"])
-        self.precision.setToolTip("bf16 is faster on CUDA GPUs and on CPUs with bf16 "
-                                  "arithmetic (AVX-512 BF16, AMX); auto picks it there")
+        self.model_status = QLabel("")
+        self.model_status.setWordWrap(True)
         form.addRow("Image layer", self.image_layer)
+        form.addRow("Pixel size (µm)", self.pixel_size)
         form.addRow("Model", row)
-        form.addRow("Tile size", self.tile_size)
-        form.addRow("Overlap", self.overlap)
-        form.addRow("Foreground threshold", self.foreground)
-        form.addRow("Centre threshold", self.centre)
-        form.addRow("Boundary threshold", self.boundary)
-        form.addRow("Min size (px)", self.min_size)
-        form.addRow("Device", self.device)
-        form.addRow("Precision", self.precision)
+        form.addRow("", self.model_status)
         buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
+        self.run_button = tip(QPushButton("Run"), "Segment the image (only re-thresholds when "
+                              "just the thresholds changed)")
+        self.cancel_button = tip(QPushButton("Cancel"), "Stop after the current tile")
         self.cancel_button.setEnabled(False)
-        self.export_button = QPushButton("Export…")
+        self.export_button = tip(QPushButton("Export…"), "Save the nuclei as labels TIFF, "
+                                 "QuPath GeoJSON or a measurements CSV")
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.export_button.clicked.connect(self._export_dialog)
         for b in (self.run_button, self.cancel_button, self.export_button):
             buttons.addWidget(b)
         form.addRow(buttons)
-        layout.addWidget(main)
+        self.content.addWidget(main)
 
-        batch = QGroupBox("Batch (folder of images)")
-        form = QFormLayout(batch)
-        self.batch_input = PathPicker("folder", "Folder of images")
-        self.batch_output = PathPicker("folder", "Output folder")
-        self.batch_geojson = QCheckBox("GeoJSON")
-        self.batch_csv = QCheckBox("CSV")
-        self.batch_button = QPushButton("Run batch")
-        self.batch_button.clicked.connect(self.run_batch)
-        row = QHBoxLayout()
-        row.addWidget(self.batch_geojson)
-        row.addWidget(self.batch_csv)
-        row.addWidget(self.batch_button)
-        form.addRow("Input folder", self.batch_input)
-        form.addRow("Output folder", self.batch_output)
-        form.addRow("Also write", row)
-        layout.addWidget(batch)
+        post = Section("Thresholds", expanded=True)
+        self.foreground = self._probability_box("Nucleus probability above which a pixel is "
+                                                "foreground")
+        self.centre = self._probability_box("Centre-distance value that seeds a nucleus "
+                                            "(higher: fewer, surer seeds)")
+        self.boundary = self._probability_box("Boundary-distance value below which pixels "
+                                              "split touching nuclei")
+        self.min_size = tip(QSpinBox(), "Smallest nucleus kept (pixels at the model's "
+                            "resolution)")
+        self.min_size.setRange(0, 100000)
+        post.form.addRow("Foreground", self.foreground)
+        post.form.addRow("Centre", self.centre)
+        post.form.addRow("Boundary", self.boundary)
+        post.form.addRow("Min size (px)", self.min_size)
+        self.content.addWidget(post)
 
-        data = QGroupBox("Training data")
-        form = QFormLayout(data)
-        self.data_folder = PathPicker("folder", "Training data folder (images/ + labels/)",
-                                      placeholder="the model's primary folder")
-        self.pair_name = QLineEdit()
-        self.pair_name.setPlaceholderText("image layer name")
-        self.add_button = QPushButton("Add to training data")
-        self.add_button.clicked.connect(lambda: self.add_to_training_data())
-        self.finetune_epochs = QSpinBox()
-        self.finetune_epochs.setRange(1, 1000)
-        self.finetune_epochs.setValue(5)
-        self.finetune_button = QPushButton("Fine-tune")
-        self.finetune_button.clicked.connect(lambda: self.fine_tune())
-        # CA-SAM models can learn the data as a new task instead (training.continual)
-        self.finetune_mode = QComboBox()
-        self.finetune_mode.addItems([FINETUNE_CONTINUE, FINETUNE_NEW_TASK])
-        self.finetune_mode.setToolTip("continue training: the model's weights keep learning; "
-                                      "add as a new task (ca-sam models): a new alignment layer "
-                                      "learns the data, earlier tasks stay exactly as they are")
-        # SAM-DA test-time adaptation to the current (unlabelled) image
-        self.adapt_button = QPushButton("Adapt to this image")
-        self.adapt_button.setToolTip("SAM-DA models: tune only the decoder adapter on the current "
-                                     "image, without labels (entropy + flip/rotation consistency)")
-        self.adapt_button.clicked.connect(lambda: self.adapt_to_image())
-        row = QHBoxLayout()
-        row.addWidget(QLabel("epochs"))
-        row.addWidget(self.finetune_epochs)
-        row.addWidget(self.finetune_button)
-        row.addWidget(self.adapt_button)
-        form.addRow("Folder", self.data_folder)
-        form.addRow("Pair name", self.pair_name)
-        form.addRow(self.add_button)
-        form.addRow("Fine-tune", self.finetune_mode)
-        form.addRow(row)
-        layout.addWidget(data)
+        tiling = Section("Tiling and device", expanded=False)
+        self.tile_size = tip(QSpinBox(), "Tile side in pixels (at most the model input size)")
+        self.tile_size.setRange(0, 4096)
+        self.tile_size.setSpecialValueText("model input size")
+        self.overlap = tip(QSpinBox(), "Overlap between tiles in pixels (auto: tile/8, "
+                           "at least 32)")
+        self.overlap.setRange(-1, 2048)
+        self.overlap.setValue(-1)
+        self.overlap.setSpecialValueText("auto")
+        self.device = tip(device_combo(), "Where the network runs (auto: CUDA, then MPS, "
+                          "then CPU)")
+        # "model default" = the folder's config.json precision (napari_amasam.precision)
+        self.precision = tip(QComboBox(), "bf16 is faster on CUDA GPUs and on CPUs with bf16 "
+                             "arithmetic (AVX-512 BF16, AMX); auto picks it there; model "
+                             "default: the model folder's setting")
+        self.precision.addItems(["model default", "auto", "fp32", "bf16"])
+        tiling.form.addRow("Tile size", self.tile_size)
+        tiling.form.addRow("Overlap", self.overlap)
+        tiling.form.addRow("Device", self.device)
+        tiling.form.addRow("Precision", self.precision)
+        self.content.addWidget(tiling)
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
+        self.content.addWidget(self.status)
+
+        self.prompts = PromptSection(self)
+        self.batch = BatchSection(self)
+        self.training_data = TrainingDataSection(self)
+        for section in (self.prompts, self.batch, self.training_data):
+            self.content.addWidget(section)
+        self.content.addStretch(1)
+
+        for key, control in (("device", self.device), ("tile_size", self.tile_size),
+                             ("overlap", self.overlap)):
+            bind("segment", key, control)
 
         # Threshold edits re-run post-processing only, once the user pauses typing.
         self._rethreshold_timer = QTimer(self)
@@ -202,8 +216,8 @@ class SegmentWidget(QWidget):
         self._model_changed(CLASSICAL)
 
     @staticmethod
-    def _probability_box() -> QDoubleSpinBox:
-        box = QDoubleSpinBox()
+    def _probability_box(tooltip: str) -> QDoubleSpinBox:
+        box = tip(QDoubleSpinBox(), tooltip)
         box.setRange(0.0, 1.0)
         box.setDecimals(2)
         box.setSingleStep(0.05)
@@ -221,6 +235,14 @@ class SegmentWidget(QWidget):
         if current in names:
             self.image_layer.setCurrentText(current)
         self.image_layer.blockSignals(False)
+        if self.image_layer.currentText() != current:
+            self._image_changed(self.image_layer.currentText())
+
+    def _image_changed(self, name: str) -> None:
+        """Fill the pixel size from the new image layer (metadata, scale or file)."""
+        layer = self.current_image_layer()
+        mpp = layer_mpp(layer) if layer is not None else None
+        self.pixel_size.setValue(mpp or 0.0)
 
     def _browse_model(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Model folder", "")
@@ -229,36 +251,51 @@ class SegmentWidget(QWidget):
 
     def _add_model_choice(self, folder: str, select: bool) -> None:
         if self.model.findText(folder) < 0:
-            self.model.addItem(folder)
+            self.model.insertItem(1, folder)  # newest first, after 'classical'
         if select:
             self.model.setCurrentText(folder)
+            self._model_changed(folder)
 
     def _on_model_trained(self, folder: str) -> None:
+        self._shown_model = None  # a folder trained again in place: re-read its thresholds
         self._add_model_choice(folder, select=True)
         self.status.setText(f"new model available: {folder}")
 
     def model_name(self) -> str:
         return self.model.currentText().strip() or CLASSICAL
 
+    def _model_text_changed(self, text: str) -> None:
+        """A picked or typed model: load it once it is one; while typing, no stale error."""
+        from pathlib import Path
+
+        name = text.strip() or CLASSICAL
+        if name == CLASSICAL or (Path(name) / "config.json").is_file():
+            self._model_changed(name)
+        else:
+            self.model_status.setText("")
+
     def _model_changed(self, name: str) -> None:
-        """Fill the thresholds from the model folder's thresholds.json."""
+        """Fill the thresholds from the model folder's thresholds.json (once per model, so
+        leaving the model box does not reset thresholds the user has edited)."""
         from ..config import PostprocessConfig
 
         name = name.strip() or CLASSICAL
+        if name == getattr(self, "_shown_model", None):
+            return
+        self._shown_model = name
         classical = name == CLASSICAL
         thresholds = PostprocessConfig()
+        self.model_status.setText("")
         if not classical:
             from ..model_folder import read_model_folder
 
             try:
                 folder = read_model_folder(name)
             except Exception as exc:  # not (yet) a model folder: say so, keep going
-                self.status.setText(f"model: {exc}")
+                self.model_status.setText(f"model: {exc}")
             else:
                 thresholds = folder.thresholds
-                primary = folder.train.primary if folder.train is not None else ""
-                if primary and not self.data_folder.text():
-                    self.data_folder.setText(primary)
+                remember_model(name)
         self._model_thresholds = thresholds
         boxes = (self.foreground, self.centre, self.boundary, self.min_size)
         for box in boxes:
@@ -271,8 +308,8 @@ class SegmentWidget(QWidget):
             box.blockSignals(False)
             # The classical baseline has its own fixed settings.
             box.setEnabled(not classical)
-        self.finetune_button.setEnabled(not classical)
-        self.adapt_button.setEnabled(not classical)
+        self.training_data.model_changed(None if classical else name)
+        self.prompts.model_changed(classical)
 
     def thresholds(self):
         """The model's :class:`PostprocessConfig` with the form's four values."""
@@ -291,7 +328,7 @@ class SegmentWidget(QWidget):
         return {"tile_size": self.tile_size.value() or None,
                 "overlap": None if self.overlap.value() < 0 else self.overlap.value()}
 
-    def _model_key(self) -> tuple[str, str, str | None]:
+    def model_key(self) -> tuple[str, str, str | None]:
         """``(model, device, precision)`` from the form; precision None = the model's."""
         precision = self.precision.currentText()
         return (self.model_name(), self.device.currentText(),
@@ -299,18 +336,23 @@ class SegmentWidget(QWidget):
 
     def predictor(self, key: tuple | None = None):
         """The loaded predictor for ``(model, device[, precision])`` (default: the form's;
-        cached)."""
-        from ..inference.predictor import Predictor
+        cached).
 
-        key = key or self._model_key()
+        UI thread only; jobs get the cached one (or None) and load in the worker.
+        """
+        key = key or self.model_key()
         if self._predictor_key != key:
-            if key[0] == CLASSICAL:
-                self._predictor = Predictor.classical()
-            else:
-                self._predictor = Predictor.from_folder(
-                    key[0], device=key[1], precision=key[2] if len(key) > 2 else None)
-            self._predictor_key = key
+            self._keep_predictor(load_predictor(key), key)
         return self._predictor
+
+    def cached_predictor(self, key: tuple):
+        """The already loaded predictor for ``key``, or None (a job then loads one)."""
+        return self._predictor if self._predictor_key == key else None
+
+    def _keep_predictor(self, predictor, key) -> None:
+        if self._predictor_key != key:
+            self._predictor, self._predictor_key = predictor, key
+            self.prompts.forget_session()
 
     def current_image_layer(self):
         name = self.image_layer.currentText()
@@ -318,17 +360,16 @@ class SegmentWidget(QWidget):
             return None
         return self.viewer.layers[name]
 
-    def _input_mpp(self, layer) -> float | None:
-        mpp = (layer.metadata or {}).get("mpp")
-        return float(mpp) if mpp else None
+    def input_mpp(self) -> float | None:
+        return self.pixel_size.value() or None
 
     # ------------------------------------------------------------------------------ run
     def _cache_key(self, layer) -> tuple:
         tiling = self._tiling()
-        return (layer.name, id(layer.data), tuple(np.shape(layer.data)), *self._model_key(),
-                tiling["tile_size"], tiling["overlap"])
+        return (layer.name, id(layer.data), tuple(np.shape(layer.data)), *self.model_key(),
+                tiling["tile_size"], tiling["overlap"], self.input_mpp())
 
-    def _busy(self) -> bool:
+    def busy(self) -> bool:
         if self.job is not None and self.job.running:
             notify("a job is already running; wait or cancel it")
             return True
@@ -336,22 +377,22 @@ class SegmentWidget(QWidget):
 
     def run(self) -> Job | None:
         """Segment the chosen image layer (re-thresholds cached maps when only thresholds changed)."""
-        if self._busy():
+        if self.busy():
             return None
         layer = self.current_image_layer()
         if layer is None:
-            self._show_error(ValueError("choose an image layer to segment"))
+            self.show_error(ValueError("choose an image layer to segment"))
             return None
         key = self._cache_key(layer)
         image = np.asarray(layer.data)
-        thresholds = self.thresholds()
+        model_key = self.model_key()
         cached = self._cache["maps"] if self._cache["key"] == key else None
         # Everything the worker needs is read from the form here, on the UI thread.
-        generator = self._segment_steps(image, key, cached, thresholds, self._input_mpp(layer),
-                                        self._model_key(),
-                                        self._tiling())
-        return self._start(generator, f"segmenting {layer.name}",
-                           lambda result: self._show_result(layer, image, result))
+        generator = segment_steps(image, layer.name, key, cached, self.thresholds(),
+                                  self.input_mpp(), model_key, self._tiling(),
+                                  self.cached_predictor(model_key))
+        return self.start(generator, f"segmenting {layer.name}",
+                          lambda result: self._show_result(layer, result))
 
     def rethreshold(self) -> Job | None:
         """Re-run post-processing with the form's thresholds, only if maps are cached."""
@@ -360,64 +401,34 @@ class SegmentWidget(QWidget):
             return None
         return self.run()
 
-    def _segment_steps(self, image, key, cached, thresholds, input_mpp, model_key, tiling):
-        """Generator run in the worker: load the model, tiles (or cached maps), labels."""
-        from ..inference.predictor import SegmentResult
-
-        yield {"stage": "setup", "message": f"loading model {model_key[0]}"}
-        predictor = self.predictor(model_key)
-        if cached is not None:
-            yield {"stage": "postprocess"}
-            return SegmentResult(predictor.postprocess(cached, thresholds), cached)
-        self.network_runs += 1
-        result = yield from predictor.iter_segment(
-            image, **tiling, input_mpp=input_mpp, thresholds=thresholds)
-        self._cache = {"key": key, "maps": result.maps}
-        return result
-
-    def _show_result(self, image_layer, image: np.ndarray, result) -> None:
+    def _show_result(self, image_layer, result: Segmentation | None) -> None:
         if result is None:  # cancelled
             return
-        layer = self.write_labels_layer(image_layer, image, result.labels)
-        n = int(len(layer.features))
-        text = f"{image_layer.name}: {n} nuclei"
-        task = result.maps.routed_task if result.maps is not None else None
+        self._keep_predictor(result.predictor, result.predictor_key)
+        if result.network_ran:
+            self.network_runs += 1
+        self._cache = {"key": result.key, "maps": result.maps}
+        target = self._outputs.get(image_layer.name)
+        layer, kept = write_nuclei_layer(self.viewer, image_layer, result.labels,
+                                         result.features, self.model_name(), target)
+        self._outputs[image_layer.name] = layer
+        text = f"{image_layer.name}: {len(layer.features)} nuclei"
+        task = getattr(result.maps, "routed_task", None) if result.maps is not None else None
         if task is not None:  # CA-SAM: which task's alignment layer segmented it
             text += " (base path: like no task)" if task < 0 else f" (routed to task {task})"
+        if kept is not None:
+            text += (f" in new layer '{layer.name}'; your edits in '{kept.name}' are kept")
+            notify(f"'{kept.name}' was edited, so the new result went to '{layer.name}'")
         self.status.setText(text)
         self.finished.emit(layer)
 
-    def write_labels_layer(self, image_layer, image: np.ndarray, labels: np.ndarray):
-        """Add or update ``<image> nuclei`` with ``labels`` and a per-nucleus features table."""
-        import pandas as pd
-
-        from ..data.io import as_rgb_uint8
-        from ..export import nucleus_measurements
-
-        columns = nucleus_measurements(labels, as_rgb_uint8(image, image_layer.name))
-        features = pd.DataFrame(columns)
-        # napari looks nuclei up by the `index` column (status bar shows their features).
-        features.insert(0, "index", features["label"].to_numpy())
-        name = f"{image_layer.name} nuclei"
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = labels
-            layer.features = features
-        else:
-            ndim = 2
-            layer = self.viewer.add_labels(
-                labels, name=name, features=features,
-                scale=tuple(image_layer.scale[-ndim:]),
-                translate=tuple(image_layer.translate[-ndim:]),
-                units=tuple(image_layer.units[-ndim:]),
-                metadata={"source_image": image_layer.name, "model": self.model_name()},
-            )
-        layer.metadata["model"] = self.model_name()
-        return layer
-
     def labels_layer(self):
-        """The ``<image> nuclei`` layer of the chosen image (None if not segmented yet)."""
-        name = f"{self.image_layer.currentText()} nuclei"
+        """The nuclei layer of the chosen image (its latest result; None if none yet)."""
+        image = self.image_layer.currentText()
+        layer = self._outputs.get(image)
+        if layer is not None and layer in self.viewer.layers:
+            return layer
+        name = f"{image} nuclei"
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def cancel(self) -> None:
@@ -427,219 +438,36 @@ class SegmentWidget(QWidget):
 
     # --------------------------------------------------------------------------- export
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export nuclei", "", EXPORT_FILTER)
+        path = ask_export_path(self)
         if path:
             self.export(path)
 
-    def export(self, path: str | Path) -> Path | None:
+    def export(self, path) -> Any:
         """Write the current nuclei as ``.tif`` labels, ``.geojson`` or ``.csv`` (by suffix)."""
-        from ..export import write_csv, write_geojson, write_labels_tiff
-
         layer = self.labels_layer()
         if layer is None:
-            self._show_error(ValueError("nothing to export: run the segmentation first"))
+            self.show_error(ValueError("nothing to export: run the segmentation first"))
             return None
-        path = Path(path)
-        labels = np.asarray(layer.data)
         image_layer = self.current_image_layer()
         image = np.asarray(image_layer.data) if image_layer is not None else None
-        suffix = path.suffix.lower()
-        if suffix in (".tif", ".tiff"):
-            written = write_labels_tiff(path, labels)
-        elif suffix == ".geojson":
-            written = write_geojson(path, labels, image=image)
-        elif suffix == ".csv":
-            written = write_csv(path, labels, image=image)
-        else:
-            self._show_error(ValueError(f"{path}: export as .tif, .geojson or .csv"))
+        try:
+            written = export_nuclei(path, np.asarray(layer.data), image)
+        except ValueError as exc:
+            self.show_error(exc)
             return None
         self.status.setText(f"exported {written}")
-        return Path(written)
-
-    # ---------------------------------------------------------------------------- batch
-    def run_batch(self, input_dir: str | None = None, output_dir: str | None = None) -> Job | None:
-        """Segment every image in a folder; writes ``<stem>_labels.tif`` (+ GeoJSON/CSV)."""
-        if self._busy():
-            return None
-        input_dir = input_dir or self.batch_input.text()
-        output_dir = output_dir or self.batch_output.text()
-        if not input_dir or not output_dir:
-            self._show_error(ValueError("choose an input and an output folder for the batch"))
-            return None
-        from ..data.io import collect_images
-
-        images, problems = collect_images([input_dir])
-        if problems:
-            self._show_error(ValueError("; ".join(problems)))
-            return None
-        generator = self._batch_steps(images, Path(output_dir), self.batch_geojson.isChecked(),
-                                      self.batch_csv.isChecked(), self.thresholds(),
-                                      self._model_key(),
-                                      self._tiling())
-        return self._start(generator, f"batch: {len(images)} images", self._batch_done)
-
-    def _batch_steps(self, images, out: Path, geojson: bool, csv: bool, thresholds,
-                     model_key, tiling):
-        from ..data.io import read_image
-        from ..errors import AmaSamError
-        from ..export import write_csv, write_geojson, write_labels_tiff
-
-        predictor = self.predictor(model_key)
-        if predictor.is_classical:
-            thresholds = None
-        out.mkdir(parents=True, exist_ok=True)
-        written, skipped = [], []
-        for index, path in enumerate(images):
-            yield {"stage": "image", "done": index, "total": len(images), "name": path.name}
-            try:
-                image = read_image(path)
-                result = yield from predictor.iter_segment(image, **tiling,
-                                                           thresholds=thresholds)
-            except AmaSamError as exc:
-                skipped.append(str(exc))
-                continue
-            self.network_runs += 1
-            written.append(write_labels_tiff(out / f"{path.stem}_labels.tif", result.labels))
-            if geojson:
-                written.append(write_geojson(out / f"{path.stem}.geojson", result.labels, image=image))
-            if csv:
-                written.append(write_csv(out / f"{path.stem}.csv", result.labels, image=image))
-        yield {"stage": "image", "done": len(images), "total": len(images), "name": ""}
-        return {"written": written, "skipped": skipped}
-
-    def _batch_done(self, result) -> None:
-        if result is None:
-            return
-        text = f"batch: wrote {len(result['written'])} files"
-        if result["skipped"]:
-            text += f"; skipped {len(result['skipped'])}: " + "; ".join(result["skipped"])
-        self.status.setText(text)
-        self.finished.emit(result["written"])
-
-    # ------------------------------------------------------------------- training data
-    def training_folder(self) -> str:
-        """The folder new pairs go to: the form's, else the model's recorded primary folder."""
-        if self.data_folder.text():
-            return self.data_folder.text()
-        if self.model_name() != CLASSICAL:
-            from ..model_folder import read_model_folder
-
-            try:
-                train = read_model_folder(self.model_name()).train
-            except Exception:
-                return ""
-            return train.primary if train is not None else ""
-        return ""
-
-    def add_to_training_data(self, folder: str | None = None,
-                             name: str | None = None) -> tuple[Path, Path] | None:
-        """Save the image and its (corrected) nuclei layer as ``images/<name>.png`` + ``labels/<name>.tif``.
-
-        Refuses (returns None, says why) when a file of that pair already exists.
-        """
-        image_layer, labels_layer = self.current_image_layer(), self.labels_layer()
-        if image_layer is None or labels_layer is None:
-            self._show_error(ValueError("segment an image first (no '<image> nuclei' layer)"))
-            return None
-        folder = folder or self.training_folder()
-        if not folder:
-            self._show_error(ValueError("choose a training data folder"))
-            return None
-        name = safe_stem(name or self.pair_name.text() or image_layer.name)
-        try:
-            image_path, label_path = save_training_pair(
-                folder, name, np.asarray(image_layer.data), np.asarray(labels_layer.data))
-        except (FileExistsError, ValueError) as exc:
-            self._show_error(exc)
-            return None
-        self.status.setText(f"added {image_path.name} + {label_path.name} to {folder}")
-        return image_path, label_path
-
-    def fine_tune(self, epochs: int | None = None, out: str | None = None,
-                  new_task: bool | None = None) -> Job | None:
-        """Continue training the current model with the training folder's data.
-
-        Settings come from the model folder's config.json; the result goes to a new folder
-        next to it (``<model>_finetuned``, or ``<model>_task`` when the data is added as a new
-        CA-SAM task: ``new_task``, default the form's choice) and is offered in the model
-        list when done.
-        """
-        from ..config import ModelConfig, TrainConfig
-        from ..model_folder import read_model_folder
-        from ..training.trainer import train
-
-        if self._busy():
-            return None
-        model_dir = self.model_name()
-        if model_dir == CLASSICAL:
-            self._show_error(ValueError("the classical baseline cannot be fine-tuned; pick a model folder"))
-            return None
-        try:
-            folder = read_model_folder(model_dir)
-        except Exception as exc:
-            self._show_error(exc)
-            return None
-        primary = self.training_folder()
-        if not primary:
-            self._show_error(ValueError("choose the training data folder to fine-tune with"))
-            return None
-        if new_task is None:
-            new_task = self.finetune_mode.currentText() == FINETUNE_NEW_TASK
-        if new_task and folder.model.kind != "ca-sam":
-            self._show_error(ValueError(f"adding a new task needs a ca-sam model; this one is "
-                                        f"{folder.model.kind} (choose 'continue training')"))
-            return None
-        suffix = "task" if new_task else "finetuned"
-        target = Path(out) if out else unique_folder(Path(model_dir).with_name(
-            f"{Path(model_dir).name}_{suffix}"))
-        recorded = folder.train or TrainConfig()
-        cfg = dataclasses.replace(
-            recorded, primary=primary, out=str(target),
-            init_from=None if new_task else str(model_dir),
-            continue_from=str(model_dir) if new_task else None,
-            epochs=int(epochs or self.finetune_epochs.value()), max_steps=0,
-            device=self.device.currentText())
-        import threading
-
-        cancel = threading.Event()
-        generator = train(cfg, ModelConfig(), cancel=cancel)
-        return self._start(generator, f"fine-tuning → {target}", self._finetune_done,
-                           cancel_event=cancel)
-
-    def adapt_to_image(self, steps: int = 50, out: str | None = None) -> Job | None:
-        """Test-time adaptation (``training.adapt``) of the model to the current image layer;
-        the result goes to ``<model>_adapted`` and is offered in the model list when done."""
-        from ..training.adapt import AdaptConfig, adapt
-
-        if self._busy():
-            return None
-        model_dir, layer = self.model_name(), self.current_image_layer()
-        if model_dir == CLASSICAL or layer is None:
-            self._show_error(ValueError("choose a model folder and an image layer to adapt to"))
-            return None
-        target = Path(out) if out else unique_folder(Path(model_dir).with_name(
-            f"{Path(model_dir).name}_adapted"))
-        import threading
-
-        cancel = threading.Event()
-        generator = adapt(model_dir, [np.asarray(layer.data)], target,
-                          AdaptConfig(steps=steps, device=self.device.currentText()), cancel=cancel)
-        return self._start(generator, f"adapting → {target}", self._finetune_done,
-                           cancel_event=cancel)
-
-    def _finetune_done(self, out) -> None:
-        if out is not None and (Path(out) / "weights.pt").is_file():
-            trained_models().add(str(out))
+        return written
 
     # ------------------------------------------------------------------- job plumbing
-    def _start(self, generator, description: str, on_returned, cancel_event=None) -> Job:
+    def start(self, generator, description: str, on_returned, cancel_event=None) -> Job:
+        """Run an engine generator as this widget's job (progress, status, errors)."""
         self.last_error = None
         self._progress = Progress(description)
         self.status.setText(description)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.job = Job(generator, cancel_event=cancel_event, on_yielded=self._on_record,
-                       on_returned=on_returned, on_errored=self._show_error,
+                       on_returned=on_returned, on_errored=self.show_error,
                        on_finished=self._on_finished)
         return self.job.start()
 
@@ -658,8 +486,8 @@ class SegmentWidget(QWidget):
                                      f"epoch {record['epoch']}/{record['epochs']}")
             self.status.setText(f"fine-tuning step {record['step']}/{record['total_steps']} "
                                 f"loss {record['loss']:.4f}")
-        elif stage in ("setup", "postprocess"):
-            self.status.setText(record.get("message", "post-processing"))
+        elif stage in ("setup", "postprocess", "measure", "prompt"):
+            self.status.setText(record.get("message", stage))
 
     def _on_finished(self) -> None:
         if self._progress is not None:
@@ -667,9 +495,35 @@ class SegmentWidget(QWidget):
             self._progress = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self.prompts.on_job_finished()
 
-    def _show_error(self, exc: BaseException) -> None:
+    def show_error(self, exc: BaseException) -> None:
         report_error(self, exc)
+
+
+def segment_steps(image, name, key, cached, thresholds, input_mpp, model_key, tiling,
+                  predictor):
+    """Generator run in the worker: model, tiles (or cached maps), labels, measurements.
+
+    Touches no widget state: everything comes in as arguments and goes back as a
+    :class:`Segmentation`.
+    """
+    from ..inference.predictor import SegmentResult
+
+    if predictor is None:
+        yield {"stage": "setup", "message": f"loading model {model_key[0]}"}
+        predictor = load_predictor(model_key)
+    if cached is not None:
+        yield {"stage": "postprocess", "message": "re-thresholding the cached maps"}
+        result, ran = SegmentResult(predictor.postprocess(cached, thresholds), cached), False
+    else:
+        result = yield from predictor.iter_segment(
+            image, **tiling, input_mpp=input_mpp,
+            thresholds=None if predictor.is_classical else thresholds)
+        ran = True
+    yield {"stage": "measure", "message": "measuring nuclei"}
+    features = measure_nuclei(result.labels, image, name)
+    return Segmentation(key, predictor, model_key, result.labels, result.maps, features, ran)
 
 
 def _disconnect(signal, slot) -> None:

@@ -8,23 +8,35 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ._common import PathPicker, Progress, device_combo, notify, report_error, trained_models
+from ._layout import ScrollableDock, Section, tip
 from ._plot import TrainingPlot
+from ._settings import bind
 from ._workers import Job
+
+#: Settings of the random tiny encoder that `make demo` trains (resources/demo/run_demo.py):
+#: it has no pretrained weights, so the encoder itself trains, with a larger step size.
+TINY_DEFAULTS = {"image_size": 256, "lr": 1e-3, "train_encoder": True}
+SAM_DEFAULTS = {"image_size": 1024, "lr": 1e-4, "train_encoder": False}
+
+
+def default_backbone() -> str:
+    """``tiny`` on a machine without a CUDA GPU (vit_b at 1024 px takes hours per epoch on
+    a CPU, and no SAM checkpoint is bundled), else ``vit_b``."""
+    import torch
+
+    return "vit_b" if torch.cuda.is_available() else "tiny"
 
 if TYPE_CHECKING:
     import napari
@@ -43,7 +55,7 @@ def describe_folder(path: str, role: str = "primary") -> tuple[str, list[str], b
     return summary, details, not check.problems
 
 
-class TrainWidget(QWidget):
+class TrainWidget(ScrollableDock):
     """Fine-tune AMA-SAM on a primary folder plus auxiliary folders.
 
     ``record_received`` is emitted (on the UI thread) with every trainer record; ``finished``
@@ -68,21 +80,24 @@ class TrainWidget(QWidget):
 
     # ----------------------------------------------------------------------------- layout
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
-
-        data = QGroupBox("Data")
-        form = QFormLayout(data)
-        self.primary = PathPicker("folder", "Primary data folder (images/ + labels/)")
+        data = Section("Data")
+        form = data.form
+        self.primary = tip(PathPicker("folder", "Primary data folder (images/ + labels/)"),
+                           "The target-domain training data: images/ and labels/ (or masks/) "
+                           "paired by file name")
         self.primary.edit.editingFinished.connect(self.refresh_primary)
         self.primary_status = QLabel("no folder")
         self.primary_status.setWordWrap(True)
         form.addRow("Primary folder", self.primary)
         form.addRow("", self.primary_status)
 
-        self.aux_list = QListWidget()
-        self.aux_list.setMaximumHeight(90)
-        self.aux_picker = PathPicker("folder", "Auxiliary data folder")
-        add, remove = QPushButton("Add"), QPushButton("Remove")
+        self.aux_list = tip(QListWidget(), "Auxiliary (other stain/scanner) datasets; hover "
+                            "an entry for its problems")
+        self.aux_list.setMaximumHeight(70)
+        self.aux_picker = tip(PathPicker("folder", "Auxiliary data folder"),
+                              "An auxiliary folder to add to the list")
+        add = tip(QPushButton("Add"), "Add the folder above to the auxiliary list")
+        remove = tip(QPushButton("Remove"), "Remove the selected auxiliary folders")
         add.clicked.connect(lambda: self.add_aux_folder(self.aux_picker.text()))
         remove.clicked.connect(self.remove_selected_aux)
         buttons = QHBoxLayout()
@@ -91,79 +106,104 @@ class TrainWidget(QWidget):
         buttons.addWidget(remove)
         form.addRow("Auxiliary folders", self.aux_list)
         form.addRow("", buttons)
-        layout.addWidget(data)
+        self.content.addWidget(data)
 
-        model = QGroupBox("Model and training")
-        form = QFormLayout(model)
-        self.backbone = QComboBox()
+        model = Section("Model")
+        form = model.form
+        self.backbone = tip(QComboBox(), "Encoder: 'tiny' (random weights, trains on a CPU "
+                            "in minutes, as `make demo`) or a SAM ViT (needs its checkpoint "
+                            "and a GPU)")
         self.backbone.addItems(["tiny", "vit_b", "vit_l", "vit_h"])
-        self.backbone.setCurrentText("vit_b")
         self.backbone.currentTextChanged.connect(self._backbone_changed)
-        self.checkpoint = PathPicker("open", "SAM checkpoint", "PyTorch checkpoint (*.pth *.pt)")
-        self.alignment = QComboBox()
-        self.alignment.addItems(["cgrl", "grl", "none"])
-        self.epochs = QSpinBox()
-        self.epochs.setRange(1, 10000)
-        self.epochs.setValue(30)
-        self.steps_per_epoch = QSpinBox()
-        self.steps_per_epoch.setRange(0, 1000000)
-        self.steps_per_epoch.setSpecialValueText("auto")
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(6)
-        self.lr.setRange(1e-6, 1.0)
-        self.lr.setSingleStep(1e-5)
-        self.lr.setValue(1e-4)
-        self.batch_size = QSpinBox()
-        self.batch_size.setRange(1, 256)
-        self.batch_size.setValue(4)
-        self.image_size = QSpinBox()
-        self.image_size.setRange(64, 4096)
-        self.image_size.setSingleStep(64)
-        self.image_size.setValue(1024)
+        self.checkpoint = tip(PathPicker("open", "SAM checkpoint", "PyTorch checkpoint (*.pth *.pt)"),
+                              "Official SAM checkpoint of the chosen ViT (sam_vit_b_01ec64.pth, ...)")
+        self.train_encoder = tip(QCheckBox("train the encoder too"),
+                                 "Needed for the random tiny encoder; for SAM ViTs only the "
+                                 "adapters and decoder train")
+        self.mpp = tip(QDoubleSpinBox(), "Microns per pixel of the primary images (40x is "
+                       "about 0.25, 20x about 0.5); stored in the model so inference "
+                       "rescales other magnifications")
         # Pixel size of the primary data: stored in the model so that inference rescales
         # images taken at another magnification (0 = unknown, no rescaling).
-        self.mpp = QDoubleSpinBox()
         self.mpp.setDecimals(3)
         self.mpp.setRange(0.0, 10.0)
         self.mpp.setSingleStep(0.05)
         self.mpp.setSpecialValueText("unknown")
-        self.mpp.setToolTip("Microns per pixel of the primary images (40x is about 0.25, 20x about 0.5)")
-        self.device = device_combo()
-        self.output = PathPicker("folder", "Output model folder")
+        self.output = tip(PathPicker("folder", "Output model folder"),
+                          "New folder for the trained model (config.json, weights.pt, ...)")
         form.addRow("Base model", self.backbone)
         form.addRow("SAM checkpoint", self.checkpoint)
+        form.addRow("", self.train_encoder)
+        form.addRow("Microns per pixel", self.mpp)
+        form.addRow("Output folder", self.output)
+        self.content.addWidget(model)
+
+        training = Section("Training settings", expanded=False)
+        form = training.form
+        self.alignment = tip(QComboBox(), "Domain alignment with the auxiliary data: CGRL "
+                             "(class-aware), GRL, or none")
+        self.alignment.addItems(["cgrl", "grl", "none"])
+        self.epochs = tip(QSpinBox(), "Passes over the training data")
+        self.epochs.setRange(1, 10000)
+        self.epochs.setValue(30)
+        self.steps_per_epoch = tip(QSpinBox(), "Steps per epoch (auto: one pass over the "
+                                   "primary data)")
+        self.steps_per_epoch.setRange(0, 1000000)
+        self.steps_per_epoch.setSpecialValueText("auto")
+        self.lr = tip(QDoubleSpinBox(), "Learning rate (AdamW)")
+        self.lr.setDecimals(6)
+        self.lr.setRange(1e-6, 1.0)
+        self.lr.setSingleStep(1e-5)
+        self.lr.setValue(1e-4)
+        self.batch_size = tip(QSpinBox(), "Images per training step")
+        self.batch_size.setRange(1, 256)
+        self.batch_size.setValue(4)
+        self.image_size = tip(QSpinBox(), "Network input side in pixels (SAM: 1024)")
+        self.image_size.setRange(64, 4096)
+        self.image_size.setSingleStep(64)
+        self.image_size.setValue(1024)
+        self.device = tip(device_combo(), "Where training runs (auto: CUDA, then MPS, then CPU)")
         form.addRow("Alignment", self.alignment)
         form.addRow("Epochs", self.epochs)
         form.addRow("Steps per epoch", self.steps_per_epoch)
         form.addRow("Learning rate", self.lr)
         form.addRow("Batch size", self.batch_size)
         form.addRow("Input size", self.image_size)
-        form.addRow("Microns per pixel", self.mpp)
         form.addRow("Device", self.device)
-        form.addRow("Output folder", self.output)
-        layout.addWidget(model)
+        self.content.addWidget(training)
 
         run = QHBoxLayout()
-        self.start_button = QPushButton("Start")
-        self.cancel_button = QPushButton("Cancel")
+        self.start_button = tip(QPushButton("Start"), "Check the folders and start training")
+        self.cancel_button = tip(QPushButton("Cancel"), "Stop soon and save a loadable model")
         self.cancel_button.setEnabled(False)
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         run.addWidget(self.start_button)
         run.addWidget(self.cancel_button)
-        layout.addLayout(run)
+        self.content.addLayout(run)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        layout.addWidget(self.status)
+        self.content.addWidget(self.status)
         self.plot = TrainingPlot()
-        layout.addWidget(self.plot, stretch=1)
+        self.content.addWidget(self.plot, stretch=1)
+
+        self.backbone.setCurrentText(default_backbone())
         self._backbone_changed(self.backbone.currentText())
+        bind("train", "backbone", self.backbone, unset="")
+        bind("train", "checkpoint", self.checkpoint)
+        bind("train", "alignment", self.alignment)
+        bind("train", "epochs", self.epochs, unset=0)
+        bind("train", "batch_size", self.batch_size, unset=0)
+        bind("train", "learning_rate", self.lr, unset=0.0)
+        bind("train", "device", self.device)
 
     def _backbone_changed(self, backbone: str) -> None:
         self.checkpoint.setEnabled(backbone != "tiny")
-        # The random tiny encoder is for quick runs; SAM's own input size is 1024.
-        self.image_size.setValue(256 if backbone == "tiny" else 1024)
+        defaults = TINY_DEFAULTS if backbone == "tiny" else SAM_DEFAULTS
+        self.image_size.setValue(defaults["image_size"])
+        self.lr.setValue(defaults["lr"])
+        self.train_encoder.setChecked(defaults["train_encoder"])
 
     # ------------------------------------------------------------------------ data folders
     def refresh_primary(self) -> bool:
@@ -210,9 +250,10 @@ class TrainWidget(QWidget):
         if not self.output.text():
             raise ConfigError("choose an output folder for the model")
         backbone = self.backbone.currentText()
+        options = {"trainable_backbone": self.train_encoder.isChecked(), **self.model_options}
         model_cfg = ModelConfig(
             backbone=backbone, image_size=self.image_size.value(),
-            alignment=self.alignment.currentText(), **self.model_options,
+            alignment=self.alignment.currentText(), **options,
         )
         checkpoint = self.checkpoint.text() or None if backbone != "tiny" else None
         train_cfg = TrainConfig(
@@ -263,7 +304,8 @@ class TrainWidget(QWidget):
         """Stop at the next step; the trainer saves a loadable model first."""
         if self.job is not None and self.job.running:
             self.job.cancel()
-            self.status.setText("cancelling: saving what was trained…")
+            self.cancel_button.setEnabled(False)
+            self.status.setText("cancelling: finishing the current step, then saving…")
 
     def _on_record(self, record: dict) -> None:
         stage = record.get("stage")
@@ -271,9 +313,14 @@ class TrainWidget(QWidget):
             if self._progress is not None:
                 self._progress.update_to(record["step"], record["total_steps"],
                                          f"epoch {record['epoch']}/{record['epochs']}")
-            self.status.setText(
-                f"step {record['step']}/{record['total_steps']}  epoch {record['epoch']}/"
-                f"{record['epochs']}  loss {record['loss']:.4f}  eta {record['eta_s']:.0f} s")
+            text = (f"step {record['step']}/{record['total_steps']}  epoch {record['epoch']}/"
+                    f"{record['epochs']}  loss {record['loss']:.4f}")
+            if record["step"] >= record["total_steps"]:
+                # The eta covers training steps only; what follows takes minutes on a CPU.
+                text += "  - last step done: validating, then tuning thresholds…"
+            else:
+                text += f"  eta {record['eta_s']:.0f} s"
+            self.status.setText(text)
         elif stage == "val":
             m = record.get("metrics", {})
             self.status.setText(f"validation epoch {record['epoch']}: " + "  ".join(

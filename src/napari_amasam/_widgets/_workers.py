@@ -7,6 +7,11 @@ signal) or, when the environment variable ``NAPARI_AMASAM_NOTHREADS`` is set to 
 ``""``/``"0"``, iterates it right away in the calling thread with the same callbacks. Tests
 use the second mode: the code path is the same, only the thread differs.
 
+Errors are caught in the worker and handed to ``on_errored`` through the ``returned`` signal:
+napari relays a worker's ``errored`` signal to its own error notification (with the full
+traceback), and the widget already reports the error in its status line and one
+notification, so the user would see every error twice.
+
 Cancelling is cooperative: :meth:`Job.cancel` sets a ``threading.Event``. The trainer gets
 that event as its ``cancel=`` argument (it then saves and yields a ``done`` record); other
 generators are closed by the wrapper at their next record.
@@ -59,6 +64,13 @@ def threads_enabled() -> bool:
     return os.environ.get(NOTHREADS_ENV, "").strip() in ("", "0")
 
 
+class _Failed:
+    """What :meth:`Job._wrapped` returns when the engine raised (see the module docstring)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
 class Job:
     """One running engine generator and its callbacks.
 
@@ -96,7 +108,10 @@ class Job:
 
     # ---------------------------------------------------------------- the wrapped generator
     def _wrapped(self) -> Generator[Record, None, Any]:
-        """Forward records; stop at the next record once cancelled (unless the engine does)."""
+        """Forward records; stop at the next record once cancelled (unless the engine does).
+
+        An exception of the engine becomes the return value ``_Failed(exc)``.
+        """
         generator = self._generator
         try:
             while True:
@@ -104,6 +119,8 @@ class Job:
                     record = next(generator)
                 except StopIteration as stop:
                     return stop.value
+                except Exception as exc:
+                    return _Failed(exc)
                 yield record
                 if self.cancel_event.is_set() and not self._engine_watches_cancel:
                     return None
@@ -133,9 +150,8 @@ class Job:
         worker = create_worker(self._wrapped, _start_thread=False)
         if self._on_yielded is not None:
             worker.yielded.connect(self._on_yielded)
-        if self._on_returned is not None:
-            worker.returned.connect(self._on_returned)
-        if self._on_errored is not None:
+        worker.returned.connect(self._returned)
+        if self._on_errored is not None:  # only errors of the wrapper itself get here
             worker.errored.connect(self._on_errored)
         worker.finished.connect(self._finish)
         self.worker = worker
@@ -148,8 +164,7 @@ class Job:
                 try:
                     record = next(generator)
                 except StopIteration as stop:
-                    if self._on_returned is not None:
-                        self._on_returned(stop.value)
+                    self._returned(stop.value)
                     break
                 if self._on_yielded is not None:
                     self._on_yielded(record)
@@ -159,6 +174,14 @@ class Job:
             self._on_errored(exc)
         finally:
             self._finish()
+
+    def _returned(self, value: Any) -> None:
+        if isinstance(value, _Failed):
+            if self._on_errored is None:
+                raise value.exc
+            self._on_errored(value.exc)
+        elif self._on_returned is not None:
+            self._on_returned(value)
 
     def _finish(self) -> None:
         self.running = False

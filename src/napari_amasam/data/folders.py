@@ -313,7 +313,10 @@ class FolderReport:
     def raise_if_failed(self) -> None:
         """Raise :class:`FolderCheckError` listing every problem, one per line."""
         if not self.ok:
-            raise FolderCheckError(self.folders[0].path if self.folders else ".", self.problems)
+            # Named after the folder that failed (an empty auxiliary folder is not the primary's
+            # problem).
+            failing = [f for f in self.folders if f.problems] or self.folders
+            raise FolderCheckError(failing[0].path if failing else ".", self.problems)
 
     def summary(self) -> dict[str, Any]:
         """Per folder: path, n_pairs, n_nuclei, image sizes (JSON-friendly)."""

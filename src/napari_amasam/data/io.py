@@ -112,7 +112,14 @@ def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def as_rgb_uint8(array: np.ndarray, source: str = "<array>") -> np.ndarray:
+def _scale_by_range(array: np.ndarray, maximum: int) -> np.ndarray:
+    """``array * 255 / maximum``, rounded and clipped to uint8."""
+    scaled = array.astype(np.float32) * np.float32(255.0 / maximum)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def as_rgb_uint8(array: np.ndarray, source: str = "<array>",
+                 bit_depth: int | None = None) -> np.ndarray:
     """Convert an in-memory image (e.g. a napari layer's data) to ``H x W x 3 uint8`` RGB.
 
     Parameters
@@ -120,10 +127,15 @@ def as_rgb_uint8(array: np.ndarray, source: str = "<array>") -> np.ndarray:
     array : ndarray
         ``H x W`` grayscale, ``H x W x C`` or channel-first ``C x H x W`` with C in 1..4
         (2 = grayscale + alpha, 4 = RGBA; alpha is dropped). Any dtype: ``uint8`` is kept,
-        ``bool`` becomes 0/255, integers already within 0..255 are cast, other integers and
-        floats are stretched between their 1st and 99.8th percentiles (all channels jointly).
+        ``bool`` becomes 0/255, integers already within 0..255 are cast, colour images of
+        wider unsigned integers (16-bit RGB scans) are divided by their type's range (so
+        H&E colours keep their balance and absolute level), other integers and floats are
+        stretched between their 1st and 99.8th percentiles (all channels jointly).
     source : str
         Name used in error messages (a file path or layer name).
+    bit_depth : int, optional
+        Declared bit depth of integer data (e.g. 12 for a 12-bit camera stored in uint16):
+        values are divided by ``2**bit_depth - 1`` instead.
 
     Returns
     -------
@@ -148,9 +160,16 @@ def as_rgb_uint8(array: np.ndarray, source: str = "<array>") -> np.ndarray:
         return np.ascontiguousarray(array)
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
+    if bit_depth is not None and np.issubdtype(array.dtype, np.integer):
+        if not 1 <= int(bit_depth) <= 32:
+            raise DataError(source, f"bit depth {bit_depth} is not between 1 and 32")
+        return _scale_by_range(array, 2 ** int(bit_depth) - 1)
     if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255:
         # An 8-bit image stored in a wider integer type: keep its values as they are.
         return array.astype(np.uint8)
+    if n_channels >= 3 and np.issubdtype(array.dtype, np.unsignedinteger):
+        # Colour: a percentile stretch would shift the stain colours (issue 15, item 3).
+        return _scale_by_range(array, np.iinfo(array.dtype).max)
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise DataError(source, f"image has unsupported data type {array.dtype}")
     return _rescale_to_uint8(array)

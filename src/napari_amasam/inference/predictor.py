@@ -194,7 +194,9 @@ class Predictor:
         if model is not None:
             if model_config is None:
                 raise ConfigError("a model needs its ModelConfig (for the tile size)")
-            self.model = model.to(self.device).eval()
+            # The mode is not switched here: a trainer validating through a predictor keeps its
+            # model in train mode; each forward runs in eval mode and restores the mode after.
+            self.model = model.to(self.device)
 
     # ----------------------------------------------------------------------------- builders
     @classmethod
@@ -231,7 +233,8 @@ class Predictor:
         from ..task_list import task_thresholds
 
         model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)
-        predictor = cls(model, folder.model, folder.thresholds, folder.mpp, resolved, precision)
+        predictor = cls(model.eval(), folder.model, folder.thresholds, folder.mpp, resolved,
+                        precision)
         predictor.task_thresholds = task_thresholds(folder.path)
         return predictor
 
@@ -289,10 +292,14 @@ class Predictor:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return precision_context(self.autocast_dtype, self.device)
 
-    def _run_batch(self, batch: np.ndarray, routed: list[int] | None = None) -> np.ndarray:
+    def _run_batch(self, batch: np.ndarray, tta: bool = False,
+                   routed: list[int] | None = None) -> np.ndarray:
         """``(B, S, S, 3) uint8`` tiles -> ``(B, C, S, S) float32`` logits on the CPU.
 
-        ``routed`` (a list) receives the CA-SAM task of each tile when the model routes.
+        With ``tta`` the logits are the mean over the 8 flips/90-degree rotations of each tile
+        (each mapped back before averaging; the maps are scalar fields, so they average as is).
+        ``routed`` (a list) receives the CA-SAM task of each tile when the model routes (with
+        ``tta``, the routing of the untransformed tile).
         """
         images = torch.from_numpy(batch)
         if self.device.type == "cuda":
@@ -300,14 +307,14 @@ class Predictor:
             images = images.pin_memory().to(self.device, non_blocking=True)
         images = images.to(self.device).permute(0, 3, 1, 2).float()
         # Modes are entered and left within this call: the generator never yields inside them.
-        with torch.inference_mode(), self._autocast():
-            output = self.model(images)
-            if routed is not None and getattr(output, "task", None) is not None:
-                routed.extend(int(t) for t in output.task.tolist())
-            channels = [output.fine_logits]
-            if output.distance_logits is not None:
-                channels.append(output.distance_logits)
-            logits = torch.cat(channels, dim=1).float()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), self._autocast():
+                logits = (self._forward_tta(images, routed) if tta
+                          else self._forward_logits(images, routed))
+        finally:
+            self.model.train(was_training)
         size = batch.shape[1]
         if logits.shape[0] != batch.shape[0] or logits.shape[2:] != (size, size):
             raise AmaSamError(
@@ -315,6 +322,39 @@ class Predictor:
                 f"{size}x{size}; expected B x C x {size} x {size}"
             )
         return logits.cpu().numpy()
+
+    def _forward_logits(self, images: torch.Tensor,
+                        routed: list[int] | None = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` 0-255 -> ``(B, C, S, S)`` float logits: fine [+ distances].
+
+        ``routed`` (a list) receives the CA-SAM task of each image when the model routes.
+        """
+        output = self.model(images)
+        if routed is not None and getattr(output, "task", None) is not None:
+            routed.extend(int(t) for t in output.task.tolist())
+        channels = [output.fine_logits]
+        if output.distance_logits is not None:
+            channels.append(output.distance_logits)
+        return torch.cat(channels, dim=1).float()
+
+    def _forward_tta(self, images: torch.Tensor,
+                     routed: list[int] | None = None) -> torch.Tensor:
+        """Mean logits over the dihedral group D4 (identity, rotations, flipped rotations).
+
+        ``routed`` receives the CA-SAM routing of the identity pass only.
+        """
+        total = None
+        for flip in (False, True):
+            flipped = images.flip(-1) if flip else images
+            for turns in range(4):
+                logits = self._forward_logits(
+                    torch.rot90(flipped, turns, dims=(-2, -1)),
+                    routed if (not flip and turns == 0) else None,
+                )
+                logits = torch.rot90(logits, -turns, dims=(-2, -1))
+                logits = logits.flip(-1) if flip else logits
+                total = logits if total is None else total + logits
+        return total / 8.0
 
     # ---------------------------------------------------------------------------- public
     def iter_predict_maps(
@@ -325,6 +365,7 @@ class Predictor:
         overlap: int | None = None,
         batch_size: int = 4,
         input_mpp: float | None = None,
+        tta: bool = False,
     ) -> Generator[Progress, None, Maps]:
         """Run the network over an image tile by tile.
 
@@ -343,6 +384,9 @@ class Predictor:
         input_mpp : float, optional
             Microns per pixel of ``image``; with the model's mpp the image is rescaled to the
             training resolution before tiling and the maps are resized back.
+        tta : bool
+            Test-time augmentation: average each tile's logits over its 8 flips/rotations
+            (8x the network time).
 
         Yields
         ------
@@ -384,7 +428,7 @@ class Predictor:
             for i, t in enumerate(batch_tiles):
                 rows, cols = t.image_slices
                 batch[i, : t.height, : t.width] = rgb[rows, cols]
-            logits = self._run_batch(batch, routed)
+            logits = self._run_batch(batch, tta, routed)
             if stitcher is None:
                 stitcher = TileStitcher(logits.shape[1], scaled_h, scaled_w, tile, overlap)
             for i, t in enumerate(batch_tiles):
@@ -459,6 +503,7 @@ class Predictor:
         batch_size: int = 4,
         input_mpp: float | None = None,
         thresholds: PostprocessConfig | None = None,
+        tta: bool = False,
     ) -> Generator[Progress, None, SegmentResult]:
         """Tile records (as :meth:`iter_predict_maps`), then ``{"stage": "postprocess"}``.
 
@@ -482,6 +527,7 @@ class Predictor:
             overlap=overlap,
             batch_size=batch_size,
             input_mpp=input_mpp,
+            tta=tta,
         )
         yield {"stage": "postprocess"}
         return SegmentResult(self.postprocess(maps, thresholds), maps)

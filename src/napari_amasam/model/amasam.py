@@ -26,6 +26,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from .adapters import encode_with_early_features, first_global_block, insert_adapters
 from .backbone import (
+    ConvStemPatchEmbed,
     PIXEL_MEAN,
     PIXEL_STD,
     build_sam_from_config,
@@ -115,6 +116,7 @@ class AmaSam(nn.Module):
         )
         self.coarse_head = CoarseHead(encoder.neck[0].out_channels)
         mask_decoder = self.sam.mask_decoder
+        stem = encoder.patch_embed
         self.hr_decoder = HRDecoder(
             mask_decoder,
             encoder_dim=spec.embed_dim,
@@ -127,6 +129,7 @@ class AmaSam(nn.Module):
                 if cfg.decoder_adapter
                 else None
             ),
+            skip_channels=stem.out_channels if isinstance(stem, ConvStemPatchEmbed) else 0,
         )
         if cfg.fast_attention:
             # Exact re-implementations (float rounding aside) of SAM's attention/MLP forward,
@@ -161,7 +164,11 @@ class AmaSam(nn.Module):
         return dense
 
     def forward(
-        self, images: torch.Tensor, domain: torch.Tensor | None = None, lam: float = 0.0
+        self,
+        images: torch.Tensor,
+        domain: torch.Tensor | None = None,
+        lam: float = 0.0,
+        valid: torch.Tensor | None = None,
     ) -> AmaSamOutput:
         """Segment a batch.
 
@@ -173,6 +180,8 @@ class AmaSam(nn.Module):
             (B,) long domain ids (0 = primary); enables ``domain_logits`` in training.
         lam : float
             Gradient-reversal strength for this step.
+        valid : Tensor, optional
+            (B, S, S) bool, False on crop padding: kept out of the discriminator's evidence.
 
         Returns
         -------
@@ -189,12 +198,14 @@ class AmaSam(nn.Module):
             )
         x = self.preprocess(images)
         embedding, early = encode_with_early_features(self.sam.image_encoder, x, self.early_index)
+        stem = self.sam.image_encoder.patch_embed
+        skip = stem.pop_features() if isinstance(stem, ConvStemPatchEmbed) else None
         embedding, early, task = self.align_features(embedding, early)
 
         domain_logits = None
         if domain is not None and self.discriminator is not None:
             routed = align_features(embedding, domain, lam, self.cfg.alignment)
-            domain_logits = self.discriminator(routed)
+            domain_logits = self.discriminator(routed, valid)
 
         coarse = self.coarse_head(embedding)
         fine, distance = self.hr_decoder(
@@ -204,6 +215,7 @@ class AmaSam(nn.Module):
             self.sam.prompt_encoder.get_dense_pe(),
             coarse,
             x if self.cfg.fuse_image else None,
+            skip=skip,
         )
         return AmaSamOutput(fine, coarse, distance, domain_logits, task)
 

@@ -32,7 +32,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from ..config import ConfigError, ModelConfig
+from ..config import RANDOM_BACKBONES, ConfigError, ModelConfig
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def variant_spec(cfg: ModelConfig) -> SamVariant:
             f"index in 0..{cfg.tiny_depth - 1}"
         )
     return SamVariant(
-        "tiny",
+        cfg.backbone,
         cfg.tiny_embed_dim,
         cfg.tiny_depth,
         cfg.tiny_heads,
@@ -165,9 +165,60 @@ def build_sam_parts(
     return sam.eval()
 
 
+STEM_CHANNELS = (16, 32)  # widths of the conv stem at strides 2 and 4
+
+
+class ConvStemPatchEmbed(torch.nn.Module):
+    """Convolutional stem in place of SAM's 16x16 patch projection (``tiny_conv``).
+
+    Two stride-2 3x3 convolutions (plus a 3x3 at stride 4) see every pixel with overlapping
+    receptive fields, then a 4x4 stride-4 projection makes the same 16-pixel tokens as
+    ``PatchEmbed``; the output layout (B, S/16, S/16, C) is SAM's, so the ViT blocks, adapters,
+    neck, CGRL and HR-Decoder are unchanged. The stride-4 features are kept for the
+    HR-Decoder (``pop_features``): a random ViT learns little about nucleus borders from a few
+    dozen images, local convolutional features do.
+
+    Forward: (B, 3, S, S) normalised -> (B, S/16, S/16, embed_dim).
+    """
+
+    def __init__(self, embed_dim: int, channels: tuple[int, int] = STEM_CHANNELS):
+        super().__init__()
+        from segment_anything.modeling.common import LayerNorm2d
+
+        half, quarter = channels
+        # One normalisation, at stride 4 (a norm at stride 2 costs more than its conv on a CPU).
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, half, 3, stride=2, padding=1),
+            torch.nn.GELU(),
+            torch.nn.Conv2d(half, quarter, 3, stride=2, padding=1),
+            torch.nn.GELU(),
+            torch.nn.Conv2d(quarter, quarter, 3, padding=1),
+            LayerNorm2d(quarter),
+            torch.nn.GELU(),
+        )
+        self.proj = torch.nn.Conv2d(quarter, embed_dim, PATCH_SIZE // 4, stride=PATCH_SIZE // 4)
+        self.out_channels = quarter
+        self._features: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem(x)  # B, quarter, S/4, S/4
+        self._features = features
+        return self.proj(features).permute(0, 2, 3, 1)
+
+    def pop_features(self) -> torch.Tensor | None:
+        """The stride-4 features of the last forward (B, quarter, S/4, S/4), then forgotten."""
+        features, self._features = self._features, None
+        return features
+
+
 def _builder(name: str) -> Callable[[ModelConfig], Sam]:
     def build(cfg: ModelConfig) -> Sam:
-        return build_sam_parts(variant_spec(cfg), cfg.image_size)
+        sam = build_sam_parts(variant_spec(cfg), cfg.image_size)
+        if name == "tiny_conv":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_BACKBONE_SEED + 1)
+                sam.image_encoder.patch_embed = ConvStemPatchEmbed(cfg.tiny_embed_dim)
+        return sam
 
     build.__name__ = f"build_sam_{name}"
     build.__doc__ = f"Random-weight SAM parts for ``{name}`` at ``cfg.image_size``."
@@ -176,7 +227,7 @@ def _builder(name: str) -> Callable[[ModelConfig], Sam]:
 
 # name -> builder(cfg) -> Sam, like segment_anything's ``sam_model_registry``.
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], Sam]] = {
-    name: _builder(name) for name in ("tiny", "vit_b", "vit_l", "vit_h")
+    name: _builder(name) for name in ("tiny", "tiny_conv", "vit_b", "vit_l", "vit_h")
 }
 
 
@@ -261,8 +312,8 @@ def load_sam_checkpoint(path: str | Path, variant: str) -> dict[str, torch.Tenso
     official = looks_like in SAM_VARIANTS
     if variant in SAM_VARIANTS and looks_like != variant:
         raise CheckpointError(f"{name} looks like a {looks_like} checkpoint, not {variant}")
-    if variant == "tiny" and official:
-        raise CheckpointError(f"{name} looks like a {looks_like} checkpoint, not tiny")
+    if variant in RANDOM_BACKBONES and official:
+        raise CheckpointError(f"{name} looks like a {looks_like} checkpoint, not {variant}")
     return state_dict
 
 
@@ -343,7 +394,7 @@ def build_sam_from_config(cfg: ModelConfig, checkpoint: str | Path | None = None
     sam = MODEL_REGISTRY[cfg.backbone](cfg)
     if checkpoint is not None:
         load_sam_weights(sam, load_sam_checkpoint(checkpoint, cfg.backbone), str(checkpoint))
-    elif cfg.backbone != "tiny":
+    elif cfg.backbone not in RANDOM_BACKBONES:
         logger.warning(
             "%s built without a checkpoint: random SAM weights (pass the official %s for "
             "meaningful features)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ALIGNMENT_MODES = ("cgrl", "grl", "none")
@@ -146,5 +147,29 @@ class DomainDiscriminator(nn.Module):
             nn.Linear(hidden, 1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) features [+ (B, S, S) valid-pixel mask] -> (B, 1) logits.
+
+        With ``valid`` (False on crop padding), padding is kept out of the evidence: feature
+        positions whose patch holds any padding are zeroed, and the global pool averages only
+        the positions whose receptive field lies wholly in the image. Otherwise a domain whose
+        crops are padded (small auxiliary images) could be told apart by its padding, and the
+        reversed gradient would teach the encoder to hide padding instead of stain.
+        """
+        if valid is None:
+            return self.classifier(self.features(x))
+        conv = self.features[:4]  # conv, GELU, conv, GELU (then pool, flatten)
+        height, width = x.shape[-2:]
+        invalid = 1.0 - valid.to(x.dtype).unsqueeze(1)  # B,1,S,S
+        token_invalid = F.adaptive_max_pool2d(invalid, (height, width))  # any padding in patch
+        y = conv(x * (1.0 - token_invalid))
+        # receptive field of the two stride-2 3x3 convs: 7 tokens, stride 4
+        out_invalid = F.max_pool2d(token_invalid, 7, stride=4, padding=3)
+        weight = 1.0 - out_invalid[..., : y.shape[-2], : y.shape[-1]]
+        if bool((weight.flatten(1).sum(1) == 0).any()):
+            # an image smaller than the receptive field: weight by the valid share instead
+            share = F.adaptive_avg_pool2d(1.0 - token_invalid, y.shape[-2:])
+            empty = (weight.flatten(1).sum(1) == 0).view(-1, 1, 1, 1)
+            weight = torch.where(empty, share, weight)
+        pooled = (y * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1).clamp_min(1e-6)
+        return self.classifier(pooled)

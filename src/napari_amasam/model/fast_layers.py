@@ -74,7 +74,8 @@ class FastMLPAdapter(MLPAdapter):
     """Encoder ``MLPAdapter`` whose ``down -> GELU`` runs as one fused oneDNN linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fast_attention_enabled() or type(self.act) is not nn.GELU or self.act.approximate != "none":
+        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        if not fast_attention_enabled() or not exact_gelu:
             return super().forward(x)
         return fast_linear(self.up, fast_linear(self.down, x, "gelu"))
 
@@ -90,9 +91,8 @@ def _onednn_conv_ok(x: torch.Tensor, conv: nn.Module) -> bool:
     if not _HAS_ONEDNN_CONV or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         # (Inductor fuses convolution + GELU itself)
         return False
-    return not (
-        torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
-    )
+    needs_grad = x.requires_grad or any(p.requires_grad for p in conv.parameters())
+    return not (torch.is_grad_enabled() and needs_grad)
 
 
 def conv2d_gelu(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,9 @@ class HRDecoder(nn.Module):
         trainable share under 5 %).
     token_noise : float
         Std of the noise added to ``mask_tokens[0]`` to initialise the slice tokens.
+    skip_channels : int
+        Channels of stride-4 encoder-stem features (``tiny_conv``) added to U through a
+        3x3 conv; 0 = none.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class HRDecoder(nn.Module):
         decoder_adapter: DecoderAdapter | None = None,
         early_hidden: int = 64,
         token_noise: float = 0.02,
+        skip_channels: int = 0,
     ):
         super().__init__()
         if num_slice_tokens != SLICES_PER_MAP:
@@ -157,6 +161,16 @@ class HRDecoder(nn.Module):
             nn.GELU(),
             nn.ConvTranspose2d(early_hidden, UPSCALED_DIM, 2, stride=2),
         )
+        self.skip_proj = (  # stem features at 4h -> U (a U-Net style skip)
+            nn.Sequential(
+                nn.Conv2d(skip_channels, UPSCALED_DIM, 3, padding=1),
+                LayerNorm2d(UPSCALED_DIM),
+                nn.GELU(),
+                nn.Conv2d(UPSCALED_DIM, UPSCALED_DIM, 3, padding=1),
+            )
+            if skip_channels > 0
+            else None
+        )
         self.feature_proj = nn.Conv2d(dim, FUSION_DIM, 1)  # E -> F_up before the x16 upsample
         refine_in = self.num_maps + FUSION_DIM + (3 if fuse_image else 0)
         self.refine = nn.Sequential(
@@ -188,6 +202,8 @@ class HRDecoder(nn.Module):
         image_pe: torch.Tensor,
         coarse_logits: torch.Tensor,
         image: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+        sparse_prompt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode full-resolution logits.
 
@@ -205,6 +221,11 @@ class HRDecoder(nn.Module):
             (B, 1, 4h, 4w).
         image : Tensor, optional
             (B, 3, 16h, 16w) normalised input; required when ``fuse_image``.
+        skip : Tensor, optional
+            (B, skip_channels, 4h, 4w) stem features; required when ``skip_channels`` > 0.
+        sparse_prompt : Tensor, optional
+            (B, N, 256) point/box tokens from SAM's prompt encoder, appended to the output
+            tokens as SAM's mask decoder does (interactive correction, inference/prompting.py).
 
         Returns
         -------
@@ -219,18 +240,24 @@ class HRDecoder(nn.Module):
         n_sam = sam_tokens.shape[0]
         tokens = torch.cat([sam_tokens, self.slice_tokens], dim=0)
         tokens = tokens.unsqueeze(0).expand(batch, -1, -1)
+        if sparse_prompt is not None:
+            tokens = torch.cat([tokens, sparse_prompt.to(tokens.dtype)], dim=1)
         src = embedding + dense_prompt
         pos = image_pe.expand(batch, -1, -1, -1)
         if self.decoder_adapter is not None:
             hs, src = self.decoder_adapter(self.transformer, src, pos, tokens)
         else:
             hs, src = self.transformer(src, pos, tokens)
-        slice_out = hs[:, n_sam:]  # B, 16*num_maps, 256
+        slice_out = hs[:, n_sam : n_sam + self.slice_tokens.shape[0]]  # B, 16*num_maps, 256
         src = src.transpose(1, 2).reshape(batch, dim, h, w)
 
         features = self.upscaled_proj(sam.output_upscaling(src)) + self.embedding_up(embedding)
         if early is not None and self.early_up is not None:  # CA-SAM has no early path
             features = features + self.early_up(early)  # B, 32, 4h, 4w
+        if self.skip_proj is not None:
+            if skip is None:
+                raise ValueError("this HR-Decoder has a stem skip: it needs the stem features")
+            features = features + self.skip_proj(skip)
         hyper = self.hypernetwork(slice_out)  # B, 16*num_maps, 32
         slices = (hyper @ features.flatten(2)).reshape(batch, -1, 4 * h, 4 * w)
         # The full-resolution stage (22 channels at 16h x 16w) dominates the decoder's time:

@@ -179,6 +179,12 @@ def segment_region(job: SlideJob, region: Region) -> dict:
     table["centroid_x"] = table["centroid_x"] + wx0 + bx0
     d = job.downsample
     collection = labels_to_geojson(crop, offset=((wy0 + by0) * d, (wx0 + bx0) * d), downsample=d)
-    rings = [feature["geometry"]["coordinates"][0] for feature in collection["features"]]
+    # One outer ring per nucleus (the largest piece's; holes are not kept in slide parts).
+    rings = [
+        feature["geometry"]["coordinates"][0]
+        if feature["geometry"]["type"] == "Polygon"
+        else max((piece[0] for piece in feature["geometry"]["coordinates"]), key=len)
+        for feature in collection["features"]
+    ]
     save_part(job.parts_dir, region.index, crop, (wy0 + by0, wx0 + bx0), table, rings)
     return {"index": region.index, "nuclei": int(keep.size)}

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from ..config import RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
 from ..data.dataset import primary_rows
 from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
@@ -104,8 +104,10 @@ def resume_config(model_dir: str | Path, epochs: int | None = None,
 
 
 def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> dict[str, Any]:
-    if model_cfg.backbone == "tiny":
-        return {"name": "tiny (random weights, stored in base_sam.pt)", "sha256": None, "path": None}
+    if model_cfg.backbone in RANDOM_BACKBONES:
+        trained = "trained" if model_cfg.trainable_backbone else "frozen"
+        return {"name": f"{model_cfg.backbone} (random initial weights in base_sam.pt; encoder "
+                        f"{trained})", "sha256": None, "path": None}
     if not checkpoint:
         return {"name": None, "sha256": None, "path": None,
                 "warning": "no SAM checkpoint: random encoder weights"}
@@ -127,16 +129,13 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str,
     from ..inference.predictor import Predictor
     from ..metrics import evaluate_pair, summarize
 
+    # The predictor runs each forward in eval mode and restores the model's mode after it, so
+    # training continues in train mode (discriminator dropout on) after every validation.
     predictor = Predictor(model, model_cfg, thresholds, mpp=mpp, device=device)
     candidates = [thresholds]
     if model_cfg.distance_heads and thresholds.method == "distance":
         candidates.append(_dc.replace(thresholds, method="edt"))
-    was_training = model.training
-    model.eval()
-    try:
-        maps = [(stem, predictor.predict_maps(image), labels) for stem, image, labels in val_items]
-    finally:
-        model.train(was_training)
+    maps = [(stem, predictor.predict_maps(image), labels) for stem, image, labels in val_items]
     best = None
     for candidate in candidates:
         per_image = {stem: evaluate_pair(labels, predictor.postprocess(m, candidate))
@@ -226,12 +225,12 @@ def train(
         # CA-SAM continual learning (training.continual): one task more
         model_cfg = continual.next_task_config(init_folder) if cfg.continue_from else init_folder.model
         thresholds = thresholds or init_folder.thresholds
-        if model_cfg.backbone != "tiny" and not cfg.checkpoint:
+        if model_cfg.backbone not in RANDOM_BACKBONES and not cfg.checkpoint:
             cfg.checkpoint = init_folder.base_checkpoint.get("path")
         if cfg.mpp is None:
             cfg.mpp = init_folder.mpp
 
-    if model_cfg.backbone != "tiny" and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+    if model_cfg.backbone not in RANDOM_BACKBONES and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise CheckpointError(f"{cfg.checkpoint}: SAM checkpoint not found")
 
     yield {"stage": "setup", "message": "checking data folders"}
@@ -273,11 +272,12 @@ def train(
     # The tiny backbone's random SAM weights come from the seed and are stored in the folder.
     torch.manual_seed(cfg.seed)
     base_sam = out / "base_sam.pt"
-    if model_cfg.backbone == "tiny" and (resume or init_folder is not None):
+    if model_cfg.backbone in RANDOM_BACKBONES and (resume or init_folder is not None):
         source = init_folder.path if init_folder is not None else out
         model = build_amasam(model_cfg, checkpoint=str(source / "base_sam.pt"))
     else:
-        # a tiny backbone takes a checkpoint too when given (benchmarks: a pretrained tiny SAM)
+        # A random backbone (tiny, tiny_conv) takes a checkpoint too when one is given
+        # (benchmarks/variant_runs.py: a pretrained tiny SAM as the frozen base of sam-da/ca-sam).
         model = build_amasam(model_cfg, checkpoint=cfg.checkpoint)
     if init_folder is not None and cfg.continue_from:
         continual.load_previous_tasks(model, init_folder.path / "weights.pt")
@@ -311,7 +311,7 @@ def train(
     elif is_main:
         work = staging_folder(out)
         try:
-            if model_cfg.backbone == "tiny":
+            if model_cfg.backbone in RANDOM_BACKBONES:
                 atomic_torch_save(model.sam_state_dict(), work / base_sam.name)
             write_config(work, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
                          cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
@@ -354,7 +354,8 @@ def train(
             progress = step / max(1, total_steps - 1)
             lam = lambda_schedule(progress, model_cfg.lambda_max, model_cfg.lambda_schedule)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = train_model(batch["image"], domain=batch["domain"] if use_domain else None, lam=lam)
+                output = train_model(batch["image"], domain=batch["domain"] if use_domain else None,
+                                     lam=lam, valid=batch["valid"] if use_domain else None)
             loss, parts = amasam_loss(output, batch["targets"], batch["valid"], batch["domain"], weights)
             if not torch.isfinite(loss):
                 raise AmaSamError(f"training diverged at step {step + 1} (loss {float(loss)}); "

@@ -1,0 +1,91 @@
+"""The ``<image> nuclei`` Labels layer: measured off the UI thread, never overwriting edits.
+
+A segmentation's per-nucleus table (``export.nucleus_measurements``) costs about a second
+on a 2048 px image, so :func:`measure_nuclei` runs in the worker and the UI thread only
+hands the finished arrays to napari (:func:`write_nuclei_layer`).
+
+A layer the user has painted in (or corrected with prompts) since the plugin last wrote it
+is never overwritten: the new result goes to a new layer (``<image> nuclei (2)``, ...) and
+a warning says so. The plugin recognises its own writes by a digest of the data it wrote
+(``layer.metadata["amasam_digest"]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+DIGEST_KEY = "amasam_digest"
+
+
+def labels_digest(labels: np.ndarray) -> str:
+    """A short digest of a label array's values and shape."""
+    array = np.ascontiguousarray(np.asarray(labels))
+    digest = hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=16)
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    return digest.hexdigest()
+
+
+def measure_nuclei(labels: np.ndarray, image: np.ndarray, source: str = "image"):
+    """Per-nucleus table (pandas DataFrame) for napari's ``features``; worker-side.
+
+    ``index`` (first column) repeats ``label``: napari looks nuclei up by it.
+    """
+    import pandas as pd
+
+    from ..data.io import as_rgb_uint8
+    from ..export import nucleus_measurements
+
+    features = pd.DataFrame(nucleus_measurements(labels, as_rgb_uint8(image, source)))
+    features.insert(0, "index", features["label"].to_numpy())
+    return features
+
+
+def was_edited(layer) -> bool:
+    """Whether ``layer``'s data differs from what the plugin last wrote into it."""
+    written = (layer.metadata or {}).get(DIGEST_KEY)
+    return written is None or written != labels_digest(np.asarray(layer.data))
+
+
+def free_name(viewer, name: str) -> str:
+    """``name``, or ``name (2)``, ``name (3)``, ... whichever no layer has."""
+    if name not in viewer.layers:
+        return name
+    n = 2
+    while f"{name} ({n})" in viewer.layers:
+        n += 1
+    return f"{name} ({n})"
+
+
+def write_nuclei_layer(viewer, image_layer, labels: np.ndarray, features: Any,
+                       model: str, target=None):
+    """Put ``labels`` into ``target`` (default ``<image> nuclei``) or a new layer.
+
+    Returns ``(layer, kept)``: ``kept`` is the edited layer that was left alone (None when
+    the target was updated in place or did not exist).
+    """
+    name = f"{image_layer.name} nuclei"
+    if target is None and name in viewer.layers:
+        target = viewer.layers[name]
+    kept = None
+    if target is not None and target in viewer.layers and not was_edited(target):
+        target.data = labels
+        target.features = features
+        layer = target
+    else:
+        if target is not None and target in viewer.layers:
+            kept = target
+        ndim = 2
+        layer = viewer.add_labels(
+            labels, name=free_name(viewer, name), features=features,
+            scale=tuple(image_layer.scale[-ndim:]),
+            translate=tuple(image_layer.translate[-ndim:]),
+            units=tuple(image_layer.units[-ndim:]),
+            metadata={"source_image": image_layer.name},
+        )
+    layer.metadata["model"] = model
+    layer.metadata["source_image"] = image_layer.name
+    layer.metadata[DIGEST_KEY] = labels_digest(labels)
+    return layer, kept
