@@ -56,3 +56,18 @@ def primary_folder(tmp_path: Path, n: int = 4) -> Path:
 
 def aux_folder(tmp_path: Path, n: int = 3) -> Path:
     return make_folder(tmp_path / "aux", DEMO_DATA / "tnbc_aux", n)
+
+
+def run_cli(*args):
+    """The CLI in this process (each subprocess costs a torch import); same exit code and
+    output. An exception the CLI does not turn into a one-line error fails the test."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from napari_amasam.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

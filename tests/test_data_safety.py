@@ -18,20 +18,7 @@ from napari_amasam.config import TrainConfig
 from napari_amasam.model_folder import load_model, read_history, read_model_folder
 from napari_amasam.training.trainer import run_training
 
-from .helpers import DEMO_DATA, primary_folder, tiny_model_config
-
-
-def run_cli(*args):
-    """The CLI in this process (each subprocess costs a torch import); same exit code and
-    output. An exception the CLI does not turn into a one-line error fails the test."""
-    import contextlib
-    import io
-    from types import SimpleNamespace
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+from .helpers import DEMO_DATA, primary_folder, run_cli, tiny_model_config
 
 
 def _cfg(tmp_path, **kw):

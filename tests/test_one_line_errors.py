@@ -21,20 +21,7 @@ from napari_amasam.config import ConfigError, ModelConfig, PostprocessConfig, Tr
 from napari_amasam.data.io import read_image
 from napari_amasam.errors import CheckpointError, DataError
 
-from .helpers import DEMO_DATA, primary_folder, tiny_model_config
-
-
-def run_cli(*args):
-    """The CLI in this process (each subprocess costs a torch import); same exit code and
-    output. An exception the CLI does not turn into a one-line error fails the test."""
-    import contextlib
-    import io
-    from types import SimpleNamespace
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+from .helpers import DEMO_DATA, primary_folder, run_cli, tiny_model_config
 
 
 def one_error_line(stderr: str) -> str:

@@ -15,6 +15,8 @@ SETUP_CFG = PACKAGE.parents[1] / "setup.cfg"
 # Import name -> distribution name where they differ.
 DISTRIBUTION = {"skimage": "scikit-image", "segment_anything": "segment-anything",
                 "openslide": "openslide-python"}
+# Namespace packages: the distribution is named after the first two parts (bioimageio.spec).
+NAMESPACES = {"bioimageio"}
 # Declared without a direct import, each for a reason.
 DECLARED_FOR_A_REASON = {
     "torchvision": "segment_anything imports it; pinned beside torch",
@@ -58,6 +60,8 @@ def test_declared_dependencies_are_the_imported_ones():
     for path in PACKAGE.rglob("*.py"):
         for name in _imports(path):
             top = name.split(".")[0]
+            if top in NAMESPACES:
+                top = ".".join(name.split(".")[:2])
             if top != "napari_amasam" and top not in sys.stdlib_module_names:
                 used.add(DISTRIBUTION.get(top, top).lower())
     declared, extras = _requirements()
