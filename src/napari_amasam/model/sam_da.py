@@ -108,8 +108,9 @@ class SamDa(AmaSam):
         self._trainable_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 
     def forward(self, images: torch.Tensor, domain: torch.Tensor | None = None,
-                lam: float = 0.0) -> AmaSamOutput:
-        """``domain`` and ``lam`` are accepted for the trainer's contract and unused."""
+                lam: float = 0.0, valid: torch.Tensor | None = None) -> AmaSamOutput:
+        """``domain``, ``lam`` and ``valid`` are accepted for the trainer's contract and unused
+        (SAM-DA has no discriminator)."""
         size = self.cfg.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(
