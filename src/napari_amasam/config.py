@@ -340,8 +340,11 @@ class TrainConfig:
         CA-SAM continual learning: add ``primary`` as a new task to this ``ca-sam`` model
         folder (new alignment layer + VAE; earlier tasks and the heads stay frozen).
     router_quantile : float
-        CA-SAM: a task's routing threshold is this quantile of its VAE score on held-out
-        training tiles (``training.continual``).
+        CA-SAM: a task's routing threshold is this quantile of its VAE score on its own
+        training tiles, each scored by a VAE fitted without that tile's image
+        (``training.continual.calibrate_task_vae``).
+    router_vae_steps : int
+        CA-SAM: Adam steps per routing-VAE fit (5 fits per task: 4 cross-fits + the kept one).
     """
 
     primary: str = ""
@@ -372,6 +375,7 @@ class TrainConfig:
     init_from: str | None = None
     continue_from: str | None = None
     router_quantile: float = 0.99
+    router_vae_steps: int = 400
 
     def __post_init__(self) -> None:
         if self.init_from and self.continue_from:
@@ -379,6 +383,8 @@ class TrainConfig:
                               "(add a new task), not both")
         if not 0.5 <= self.router_quantile <= 1.0:
             raise ConfigError("router quantile must be in [0.5, 1]")
+        _require(self.router_vae_steps >= 1,
+                 f"router VAE steps must be at least 1, not {self.router_vae_steps}")
         if self.batch_size < 1:
             raise ConfigError("batch size must be at least 1")
         _require(self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}")

@@ -9,9 +9,10 @@
    but its alignment layer is frozen (the heads and the earlier layers stay bit-identical).
 4. The ordinary trainer loop runs on NEW (validation and threshold tuning use the new task).
 5. ``finish_task``: the new task's VAE is fitted on pooled frozen-encoder features of NEW's
-   training tiles and its routing threshold is calibrated (``TrainConfig.router_quantile`` of
-   the scores of held-out training images' tiles); ``weights.pt``/``best.pt`` get the router
-   and ``tasks.json`` lists every task with its data and threshold.
+   training tiles and its routing threshold is calibrated (``calibrate_task_vae``: the
+   ``TrainConfig.router_quantile`` of the scores of the training tiles cross-fitted by image,
+   each scored by a VAE that did not see its image); ``weights.pt``/``best.pt`` get the
+   router and ``tasks.json`` lists every task with its data and threshold.
 
 The first ``ca-sam`` training (task 0) goes through steps 3-5 too. Nothing here runs for the
 other kinds.
@@ -19,6 +20,7 @@ other kinds.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -34,7 +36,7 @@ from ..errors import CheckpointError
 from ..model_folder import ModelFolder, atomic_torch_save, torch_load
 from ..task_list import read_tasks, write_tasks
 
-__all__ = ["finish_task", "fit_task_vae", "load_previous_tasks", "next_task_config",
+__all__ = ["calibrate_task_vae", "finish_task", "fit_task_vae", "load_previous_tasks", "next_task_config",
            "prepare_model_for_training", "read_tasks", "tile_features", "write_tasks"]
 VAE_STEPS = 400
 VAE_LR = 1e-3
@@ -127,22 +129,23 @@ def tile_features(model, images: list[np.ndarray], device: torch.device, batch_s
     return out
 
 
-def fit_task_vae(vae, fit: torch.Tensor, held_out: torch.Tensor, quantile: float,
-                 seed: int = 0, steps: int = VAE_STEPS) -> dict[str, Any]:
-    """Fit ``vae`` on ``fit`` (N, D) features and set its threshold from ``held_out`` (M, D).
+def fit_task_vae(vae, fit: torch.Tensor, seed: int = 0, steps: int = VAE_STEPS) -> None:
+    """Standardise with ``fit``'s statistics and train ``vae`` on ``fit`` (N, D) features.
 
-    The threshold is the ``quantile`` of the held-out scores (at least the largest fit score's
-    median, so a tiny held-out set cannot make it tighter than the fitted data itself).
-    Returns the calibration figures that ``tasks.json`` reports.
+    The threshold is reset to +inf (uncalibrated) and the noise variance to 1: see
+    :func:`calibrate_task_vae`.
     """
     generator = torch.Generator().manual_seed(seed)
-    mean = fit.mean(dim=0)
-    std = fit.std(dim=0, unbiased=False).clamp_min(1e-4)
+    torch.manual_seed(seed)
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
     with torch.no_grad():
-        vae.feature_mean.copy_(mean)
-        vae.feature_std.copy_(std)
+        vae.feature_mean.copy_(fit.mean(dim=0))
+        vae.feature_std.copy_(fit.std(dim=0, unbiased=False).clamp_min(1e-4))
+        vae.noise_log_var.zero_()
         vae.threshold.fill_(float("inf"))
-    params = [p for p in vae.parameters()]
+    params = list(vae.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=VAE_LR)
@@ -158,29 +161,79 @@ def fit_task_vae(vae, fit: torch.Tensor, held_out: torch.Tensor, quantile: float
     vae.eval()
     for p in params:
         p.requires_grad_(False)
+
+
+def _folds(per_image: list[torch.Tensor], folds: int, seed: int) -> list[list[torch.Tensor]]:
+    """Split the tiles into cross-fitting groups: by image (tiles of one image are alike, so
+    a held-out image is the honest test), or by tile when there is a single image."""
+    rng = np.random.default_rng(seed)
+    if len(per_image) >= 2:
+        k = min(folds, len(per_image))
+        order = rng.permutation(len(per_image))
+        return [[per_image[i] for i in order[f::k]] for f in range(k)]
+    tiles = per_image[0] if per_image else torch.zeros(0, 0)
+    k = min(folds, tiles.shape[0])
+    order = torch.from_numpy(rng.permutation(tiles.shape[0]))
+    return [[tiles[order[f::k]]] for f in range(k)] if k >= 2 else []
+
+
+def calibrate_task_vae(vae, per_image: list[torch.Tensor], quantile: float, seed: int = 0,
+                       steps: int = VAE_STEPS, folds: int = 4) -> dict[str, Any]:
+    """Fit task t's VAE on its training tiles and calibrate its routing threshold.
+
+    Parameters
+    ----------
+    vae : TaskVAE
+        The task's VAE (fitted in place).
+    per_image : list of Tensor
+        (n_tiles_i, D) pooled features of each training image's tiles (``tile_features``).
+    quantile : float
+        Share of the task's own held-out training tiles that the threshold accepts.
+    steps, folds : int
+        VAE training steps; cross-fitting groups (by image).
+
+    Cross-fitting: for each of ``folds`` groups of images, a VAE fitted on the other groups
+    scores the group's tiles. These held-out scores are what an unseen image of the task
+    looks like, unlike the scores of the tiles a VAE was fitted on (too low: a threshold
+    from them rejects new in-domain images). The decoder noise variance (per feature) is the
+    mean held-out squared residual, the threshold the ``quantile`` of the held-out scores;
+    the kept VAE is then fitted on every tile. Returns the figures that ``tasks.json``
+    reports.
+    """
+    groups = _folds(per_image, folds, seed)
+    everything = torch.cat(per_image)
+    held_vaes, held_feats = [], []
+    for f, group in enumerate(groups):
+        rest = [x for g, other in enumerate(groups) if g != f for x in other]
+        fold_vae = copy.deepcopy(vae)
+        fit_task_vae(fold_vae, torch.cat(rest), seed + 1 + f, steps)
+        held_vaes.append(fold_vae)
+        held_feats.append(torch.cat(group))
+    fit_task_vae(vae, everything, seed, steps)
     with torch.no_grad():
-        fit_scores = vae.score(fit)
-        held_scores = vae.score(held_out) if held_out.shape[0] else fit_scores
-        threshold = max(float(torch.quantile(held_scores, quantile)), float(fit_scores.median()))
+        if held_vaes:
+            residual = torch.cat([v.residuals(x) for v, x in zip(held_vaes, held_feats)])
+        else:  # a single tile: nothing to hold out, the fitted residual is all there is
+            residual = vae.residuals(everything)
+        log_var = residual.mean(dim=0).clamp_min(1e-4).log()
+        for v in [*held_vaes, vae]:
+            v.noise_log_var.copy_(log_var)
+        held_scores = (torch.cat([v.score(x) for v, x in zip(held_vaes, held_feats)])
+                       if held_vaes else vae.score(everything))
+        fit_scores = vae.score(everything)
+        threshold = float(torch.quantile(held_scores, quantile))
         vae.threshold.fill_(threshold)
     return {
         "threshold": threshold,
         "quantile": quantile,
-        "fit_tiles": int(fit.shape[0]),
-        "held_out_tiles": int(held_out.shape[0]),
+        "fit_tiles": int(everything.shape[0]),
+        "held_out_tiles": int(held_scores.shape[0]) if held_vaes else 0,
+        "folds": len(groups),
         "fit_score_median": float(fit_scores.median()),
         "held_out_score_median": float(held_scores.median()),
         "held_out_score_max": float(held_scores.max()),
+        "fit_tiles_accepted": float((fit_scores <= threshold).float().mean()),
     }
-
-
-def _split_images(n: int, seed: int) -> tuple[list[int], list[int]]:
-    """Image indices for fitting and for calibration (20 %, at least one when n >= 2)."""
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    if n < 2:
-        return order, []
-    n_held = max(1, round(0.2 * n))
-    return order[n_held:], order[:n_held]
 
 
 def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
@@ -201,15 +254,8 @@ def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
                                     str(out / "weights.pt"))
     images = [read_image(p.image) for p in train_pairs]
     features = tile_features(model, images, device)
-    fit_idx, held_idx = _split_images(len(features), cfg.seed)
-    fit = torch.cat([features[i] for i in fit_idx])
-    held = torch.cat([features[i] for i in held_idx]) if held_idx else fit[:0]
-    if not held_idx and fit.shape[0] >= 4:  # one image: calibrate on a fifth of its tiles
-        order = torch.randperm(fit.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-        n_held = max(1, fit.shape[0] // 5)
-        fit, held = fit[order[n_held:]], fit[order[:n_held]]
-    torch.manual_seed(cfg.seed)
-    calibration = fit_task_vae(model.router.vaes[task], fit, held, cfg.router_quantile, cfg.seed)
+    calibration = calibrate_task_vae(model.router.vaes[task], features, cfg.router_quantile,
+                                     cfg.seed, steps=cfg.router_vae_steps)
     state = model.trainable_state_dict()
     atomic_torch_save(state, out / "weights.pt")
     atomic_torch_save(state, out / "best.pt")
@@ -227,6 +273,7 @@ def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
     model.active_task = None
     yield {"stage": "task", "task": task, "name": entry["name"], "router": calibration,
            "message": (f"task {task} ({entry['name']}): routing threshold "
-                       f"{calibration['threshold']:.4f} = {calibration['quantile']:.2f} quantile of "
-                       f"{calibration['held_out_tiles']} held-out training tiles' VAE scores "
-                       f"(fit on {calibration['fit_tiles']} tiles)")}
+                       f"{calibration['threshold']:.4f} = {calibration['quantile']:.2f} quantile of the "
+                       f"VAE scores of {calibration['held_out_tiles']} training tiles held out "
+                       f"by {calibration['folds']}-fold cross-fitting (fit on "
+                       f"{calibration['fit_tiles']} tiles)")}
