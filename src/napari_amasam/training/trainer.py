@@ -114,7 +114,8 @@ def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> d
     return {"name": path.name, "sha256": sha256_file(path), "path": str(path)}
 
 
-def _validate(model, model_cfg, thresholds, val_items, device, mpp, input_mpp) -> dict[str, Any]:
+def _validate(model, model_cfg, thresholds, val_items, device, mpp,
+              input_mpp=None) -> dict[str, Any]:
     """Full-image validation through the real predictor (tiling + post-processing).
 
     The network runs once per image; its maps are post-processed with the configured
