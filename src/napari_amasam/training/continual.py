@@ -94,15 +94,16 @@ def prepare_model_for_training(model) -> None:
         model.freeze_except_task(task)
 
 
-def tile_features(model, images: list[np.ndarray], device: torch.device, batch_size: int = 4
-                  ) -> list[torch.Tensor]:
+def tile_features(model, images: list[np.ndarray], device: torch.device, batch_size: int = 4,
+                  rescale: float = 1.0) -> list[torch.Tensor]:
     """Pooled frozen-encoder features of every inference tile of each image.
 
-    The tiles are the predictor's (same size, overlap and zero padding), so the VAE sees the
+    The tiles are the predictor's (same size, overlap and zero padding; images first rescaled
+    by ``rescale``, data mpp / working mpp, as the predictor does), so the VAE sees the
     distribution it will score at inference. Returns one (n_tiles, 512) tensor per image.
     """
     from ..data.io import as_rgb_uint8
-    from ..inference.predictor import MIN_DEFAULT_OVERLAP
+    from ..inference.predictor import MIN_DEFAULT_OVERLAP, _rescale_image
     from ..inference.tiling import tile_grid
 
     size = model.cfg.image_size
@@ -113,6 +114,8 @@ def tile_features(model, images: list[np.ndarray], device: torch.device, batch_s
     try:
         for image in images:
             rgb = as_rgb_uint8(image, "image")
+            if rescale != 1.0:
+                rgb = _rescale_image(rgb, rescale)
             tiles = tile_grid(rgb.shape[0], rgb.shape[1], size, overlap)
             feats = []
             for start in range(0, len(tiles), batch_size):
@@ -253,7 +256,9 @@ def finish_task(model, cfg, train_pairs, out: Path, device: torch.device
     model.load_trainable_state_dict(torch_load(out / "weights.pt", "model weights"),
                                     str(out / "weights.pt"))
     images = [read_image(p.image) for p in train_pairs]
-    features = tile_features(model, images, device)
+    working = cfg.working_mpp  # training rescaled the images to it: so will inference
+    features = tile_features(model, images, device,
+                             rescale=cfg.mpp / working if cfg.mpp and working else 1.0)
     calibration = calibrate_task_vae(model.router.vaes[task], features, cfg.router_quantile,
                                      cfg.seed, steps=cfg.router_vae_steps)
     state = model.trainable_state_dict()
