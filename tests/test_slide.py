@@ -138,7 +138,8 @@ def test_mosaic_segmentation_matches_per_tile_and_ground_truth(mosaic, mosaic_ru
     # Progress: one record per region, nuclei counts increasing to the total.
     regions = [r for r in records if r["stage"] == "region"]
     assert [r["done"] for r in regions] == list(range(1, 10))
-    assert regions[-1]["nuclei"] == result.nuclei
+    # (settling the overlaps afterwards drops the second version of a few border nuclei)
+    assert regions[-1]["nuclei"] >= result.nuclei > 0.98 * regions[-1]["nuclei"]
 
 
 def test_nuclei_on_region_borders_appear_once(mosaic_run):
@@ -160,8 +161,11 @@ def test_nuclei_on_region_borders_appear_once(mosaic_run):
         left, right = labels[:, border - 1], labels[:, border]
         straddling += len(set(left[left > 0]) & set(right[right > 0]))
     assert straddling > 5
-    # Nearly all ids of the GeoJSON are in the TIFF (overlaps resolved by first come).
-    assert len(np.unique(labels)) - 1 >= 0.98 * result.nuclei
+    # One ownership rule for all outputs: the TIFF, the GeoJSON and the CSV hold the same ids.
+    import csv
+
+    csv_ids = {int(row["label"]) for row in csv.DictReader(open(result.csv_path))}
+    assert set(np.unique(labels)) - {0} == set(ids) == csv_ids
 
 
 def test_outputs_pyramid_geojson_csv(mosaic_run):

@@ -6,6 +6,7 @@
       -> regions (core squares at the model's mpp)                      [regions.py]
       -> each region: read core + halo, Predictor, keep owned nuclei
          -> part file (atomic)                 [worker.py, run by Dask: scheduler.py]
+      -> overlaps between neighbouring parts settled, one rule    [ownership.py]
       -> <stem>_labels.tif (pyramidal BigTIFF), <stem>.geojson, <stem>.csv  [writers.py]
 
 Memory is that of one region per worker plus one strip of the output, whatever the slide
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AmaSamError
-from .parts import PartStore
+from .ownership import settle_overlaps
+from .parts import PART_FORMAT, PartStore
 from .reader import SlideError, _suffix, open_slide
 from .regions import Area, check_inside, plan_regions, read_roi
 from .scheduler import SERIAL, default_threads, run_tasks
@@ -100,7 +102,7 @@ def _plan_key(slide_path: Path, job: SlideJob, regions: list[int], shape, extra:
         fields.pop(volatile)
     return {"slide": [str(slide_path.resolve()), stat.st_size, stat.st_mtime_ns],
             "model_files": model_stamp, "job": fields, "regions": regions,
-            "shape": list(shape), **extra}
+            "shape": list(shape), "part_format": PART_FORMAT, **extra}
 
 
 def iter_segment_slide(
@@ -231,7 +233,17 @@ def iter_segment_slide(
         if scheduler == SERIAL:
             clear_cache()
 
-    infos = store.infos(sorted(r.index for r in regions))
+    # One owner per nucleus and per pixel where regions' results overlap, decided once for
+    # the TIFF, the GeoJSON and the CSV alike (resumable: settled parts are files too).
+    yield {"stage": "write", "what": "overlap-free regions"}
+    indices = sorted(r.index for r in regions)
+    cores = {r.index: (r.y0, r.x0, r.y1, r.x1) for r in regions}
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        for _ in settle_overlaps(store, store.infos(indices), cores,
+                                 lambda y, x, h, w: slide.read_scaled(y, x, h, w, downsample),
+                                 downsample):
+            pass
+    infos = store.infos(indices, settled=True)
     from .writers import write_csv, write_geojson, write_labels_pyramid
 
     yield {"stage": "write", "what": "labels"}

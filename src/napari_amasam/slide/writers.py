@@ -8,9 +8,9 @@
 - :func:`write_geojson` : QuPath detections with polygons in level-0 slide pixels.
 - :func:`write_csv` : one row per nucleus, measurements in µm and µm².
 
-Parts are pasted in region order where the output is still 0 (as the block-wise
-post-processing does), so where two regions' nuclei overlap by a few pixels the first
-keeps them. Each writer writes a temporary file and renames it.
+The parts are the settled ones (:mod:`.ownership`): no two claim a pixel, so every nucleus
+of the GeoJSON and CSV has its pixels in the TIFF under the same id. Each writer writes a
+temporary file and renames it.
 """
 
 from __future__ import annotations
@@ -124,18 +124,18 @@ def write_labels_pyramid(path: str | Path, shape: tuple[int, int], parts: list[P
     return _atomic_write(path, write)
 
 
-def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, list]]:
-    """(slide-wide id, measurement row dict, outline ring) for every nucleus in order."""
+def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, dict]]:
+    """(slide-wide id, measurement row dict, GeoJSON geometry) for every nucleus in order."""
     for info in parts:
         if info.count == 0:
             continue
         part = load_part(info.path)
-        rings = json.loads(part["rings"].tobytes().decode())
+        geometries = json.loads(part["geometries"].tobytes().decode())
         for i in range(info.count):
             row = {name: float(part[name][i]) for name in
                    ("area", "perimeter", "eccentricity", "mean_intensity", "centroid_y",
                     "centroid_x")}
-            yield info.first_id + i + 1, row, rings[i]
+            yield info.first_id + i + 1, row, geometries[i]
 
 
 def _in_um(row: dict, mpp: float, downsample: float) -> dict:
@@ -180,7 +180,8 @@ def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsampl
                   ) -> Path:
     """QuPath detections, one feature per nucleus, streamed feature by feature.
 
-    Polygons are in level-0 slide pixels (QuPath's pixel-edge convention, see ``export``);
+    Polygons (with their holes; a ``MultiPolygon`` for a nucleus in pieces) are in level-0
+    slide pixels (QuPath's pixel-edge convention, see ``export``);
     ``measurements`` carry the µm values of the CSV and ``label`` the id in the labels TIFF.
     """
     import uuid
@@ -189,7 +190,7 @@ def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsampl
         with open(tmp, "w") as handle:
             handle.write('{"type": "FeatureCollection", "features": [')
             first = True
-            for label, row, ring in _nuclei(parts):
+            for label, row, geometry in _nuclei(parts):
                 values = _in_um(row, mpp, downsample)
                 measurements = {
                     "Area µm^2": values["area_um2"], "Perimeter µm": values["perimeter_um"],
@@ -199,7 +200,7 @@ def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsampl
                     measurements["Mean intensity"] = values["mean_intensity"]
                 feature = {
                     "type": "Feature", "id": str(uuid.uuid4()),
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "geometry": geometry,
                     "properties": {
                         "objectType": "detection",
                         "classification": {"name": classification, "color": list(color)},
