@@ -168,6 +168,27 @@ def test_nuclei_on_region_borders_appear_once(mosaic_run):
     assert set(np.unique(labels)) - {0} == set(ids) == csv_ids
 
 
+def test_region_borders_cost_nothing_when_windows_see_the_same_pixels(strip, tmp_path):
+    """A halo covering the whole strip gives every region the same window: the slide path
+    must then give exactly the strip segmented in one call, nucleus for nucleus and pixel
+    for pixel, though its 384 px region borders cut through many nuclei."""
+    from napari_amasam.inference.predictor import Predictor
+
+    path, image = strip
+    result = _run(path, "classical", tmp_path / "out", region_size=384, halo=1024,
+                  scheduler="serial", tissue=False)
+    labels = tifffile.imread(result.labels_path).astype(np.int64)
+    alone = Predictor.classical().segment(image).astype(np.int64)
+    assert ((labels > 0) == (alone > 0)).all()
+    # One-to-one ids: as many distinct (slide id, alone id) pairs as ids on either side.
+    fg = alone > 0
+    pairs = np.unique(labels[fg] * (int(alone.max()) + 1) + alone[fg])
+    assert len(pairs) == len(np.unique(alone[fg])) == len(np.unique(labels[fg])) == result.nuclei
+    straddling = sum(len(set(labels[:, b - 1][labels[:, b - 1] > 0]) &
+                         set(labels[:, b][labels[:, b] > 0])) for b in (384, 768))
+    assert straddling > 5
+
+
 def test_outputs_pyramid_geojson_csv(mosaic_run):
     import zarr
 

@@ -45,7 +45,7 @@ class SlideResult:
 
     Attributes
     ----------
-    labels_path, geojson_path, csv_path : Path or None
+    labels_path, geojson_path, csv_path, ome_zarr_path : Path or None
     nuclei : int
     shape : (height, width)
         Labels size at the processing resolution.
@@ -77,6 +77,7 @@ class SlideResult:
     tissue_fraction: float | None
     tissue_mm2: float
     seconds: float
+    ome_zarr_path: Path | None = None
 
 
 def model_mpp(model: str) -> float | None:
@@ -127,6 +128,7 @@ def iter_segment_slide(
     precision: str | None = None,
     geojson: bool = True,
     csv: bool = True,
+    ome_zarr: bool = False,
     stem: str | None = None,
 ) -> Generator[Record, None, SlideResult]:
     """Segment a slide; yields progress records, returns a :class:`SlideResult`.
@@ -157,6 +159,8 @@ def iter_segment_slide(
         Predictor settings (see ``Predictor``).
     geojson, csv : bool
         Also write those outputs.
+    ome_zarr : bool
+        Also write the labels as ``<stem>_labels.ome.zarr`` (OME-Zarr, NGFF 0.4).
     stem : str, optional
         Output name stem (default: the slide's file stem).
 
@@ -244,10 +248,15 @@ def iter_segment_slide(
                                  downsample):
             pass
     infos = store.infos(indices, settled=True)
-    from .writers import write_csv, write_geojson, write_labels_pyramid
+    from .writers import write_csv, write_geojson, write_labels_ome_zarr, write_labels_pyramid
 
     yield {"stage": "write", "what": "labels"}
     labels_path = write_labels_pyramid(out_dir / f"{stem}_labels.tif", shape, infos, target)
+    zarr_path = None
+    if ome_zarr:
+        yield {"stage": "write", "what": "OME-Zarr labels"}
+        zarr_path = write_labels_ome_zarr(out_dir / f"{stem}_labels.ome.zarr", shape, infos,
+                                          target)
     geojson_path = csv_path = None
     if geojson:
         yield {"stage": "write", "what": "geojson"}
@@ -259,7 +268,8 @@ def iter_segment_slide(
     area_px = sum((r.y1 - r.y0) * (r.x1 - r.x0) for r in regions)
     return SlideResult(
         labels_path=labels_path, geojson_path=geojson_path, csv_path=csv_path,
-        nuclei=sum(i.count for i in infos), shape=shape, mpp=target, downsample=downsample,
+        ome_zarr_path=zarr_path, nuclei=sum(i.count for i in infos), shape=shape, mpp=target,
+        downsample=downsample,
         regions=len(regions), regions_total=total, area_mm2=area_px * target * target / 1e6,
         tissue_fraction=tissue_fraction, tissue_mm2=tissue_mm2, seconds=time.monotonic() - started,
     )

@@ -5,6 +5,7 @@
   (so it opens at the right scale), readable whole by ``tifffile.imread`` and lazily by
   ``tifffile.imread(..., aszarr=True)`` (a zarr group ``"0"``, ``"1"``, ...). Levels halve
   by nearest-neighbour subsampling, so ids stay ids.
+- :func:`write_labels_ome_zarr` (optional): the same levels as an OME-Zarr (NGFF 0.4).
 - :func:`write_geojson` : QuPath detections with polygons in level-0 slide pixels.
 - :func:`write_csv` : one row per nucleus, measurements in µm and µm².
 
@@ -64,8 +65,12 @@ def _paste_strip(strip: np.ndarray, row0: int, step: int, parts: list[PartInfo],
         target[free] = ids[free]
 
 
-def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> Iterator[np.ndarray]:
-    """Row-major ``TILE x TILE`` uint32 tiles of one pyramid level (edge tiles zero-padded)."""
+def _level_strips(shape: tuple[int, int], step: int, parts: list[PartInfo]
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, strip)`` of one pyramid level, :data:`STRIP_TILES` tile rows at a time.
+
+    Strips are ``(rows padded to TILE, width padded to TILE)`` uint32, zero outside the level.
+    """
     height, width = shape
     cache = PartCache()
     strip_rows = STRIP_TILES * TILE
@@ -74,8 +79,14 @@ def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> It
         rows = min(strip_rows, height - row0)
         strip = np.zeros((-(-rows // TILE) * TILE, padded_width), np.uint32)
         _paste_strip(strip[:rows, :width], row0, step, parts, cache)
+        yield row0, strip
+
+
+def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> Iterator[np.ndarray]:
+    """Row-major ``TILE x TILE`` uint32 tiles of one pyramid level (edge tiles zero-padded)."""
+    for _, strip in _level_strips(shape, step, parts):
         for ty in range(0, strip.shape[0], TILE):
-            for tx in range(0, padded_width, TILE):
+            for tx in range(0, strip.shape[1], TILE):
                 yield strip[ty : ty + TILE, tx : tx + TILE]
 
 
@@ -122,6 +133,58 @@ def write_labels_pyramid(path: str | Path, shape: tuple[int, int], parts: list[P
                 tif.write(_level_tiles(level_shape, 2**level, parts), **options)
 
     return _atomic_write(path, write)
+
+
+def write_labels_ome_zarr(path: str | Path, shape: tuple[int, int], parts: list[PartInfo],
+                          mpp: float) -> Path:
+    """Write the slide's labels as an OME-Zarr (NGFF 0.4) multiscale image, strip by strip.
+
+    The same levels as :func:`write_labels_pyramid` (uint32 ids, halving by subsampling),
+    ``TILE``-square zstd chunks, axes ``y, x`` in micrometres. Written into a temporary
+    folder renamed when complete, so a ``.zarr`` folder that exists is finished.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.zarr`` folder (replaced if it exists).
+    shape, parts, mpp
+        As :func:`write_labels_pyramid`.
+    """
+    import shutil
+    import tempfile
+
+    import zarr
+
+    path = Path(path)
+    shapes = pyramid_shapes(shape)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        # NGFF 0.4 sits on the Zarr v2 format, which every OME-Zarr reader opens.
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        for level, level_shape in enumerate(shapes):
+            array = root.create_array(str(level), shape=level_shape, dtype=np.uint32,
+                                      chunks=(TILE, TILE), fill_value=0)
+            for row0, strip in _level_strips(level_shape, 2**level, parts):
+                rows = min(strip.shape[0], level_shape[0] - row0)
+                array[row0 : row0 + rows] = strip[:rows, : level_shape[1]]
+        root.attrs["multiscales"] = [{
+            "version": "0.4",
+            "name": path.stem,
+            "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                     {"name": "x", "type": "space", "unit": "micrometer"}],
+            "datasets": [{"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": [mpp * 2**level, mpp * 2**level]}]}
+                for level in range(len(shapes))],
+            "type": "subsample",
+            "metadata": {"description": "napari-amasam nuclei instance labels"},
+        }]
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, dict]]:

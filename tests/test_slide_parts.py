@@ -1,5 +1,6 @@
 """Slide parts: one owner per nucleus and per pixel where two regions' results overlap, and
-outlines that keep their holes (built parts, no model: the rule itself under test)."""
+outlines that keep their holes, OME-Zarr labels (built parts, no model: the parts' own
+logic under test)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,27 @@ def test_ring_nucleus_keeps_its_hole_in_the_slide_geojson(tmp_path):
     drawn[fill(hole[:, 1] - 0.5, hole[:, 0] - 0.5, SHAPE)] = False
     assert (drawn == ring).mean() > 0.99
     assert not drawn[50, 60]
+
+
+def test_ome_zarr_labels_match_the_tiff_level_by_level(tmp_path):
+    import zarr
+
+    from napari_amasam.slide.writers import write_labels_ome_zarr
+
+    store = _parts(tmp_path)
+    list(settle_overlaps(store, store.infos([0, 1]), CORES, _grey, 1.0))
+    settled = store.infos([0, 1], settled=True)
+    big = (600, 1100)  # the parts in the top-left corner of a slide with 4 levels
+    tiff = write_labels_pyramid(tmp_path / "big.tif", big, settled, 0.25)
+    path = write_labels_ome_zarr(tmp_path / "big_labels.ome.zarr", big, settled, 0.25)
+    group = zarr.open_group(str(path), mode="r")
+    (multiscale,) = group.attrs["multiscales"]
+    assert multiscale["version"] == "0.4"
+    assert [a["name"] for a in multiscale["axes"]] == ["y", "x"]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in multiscale["datasets"]]
+    assert scales == [[0.25 * 2**k] * 2 for k in range(4)]
+    levels = zarr.open_group(tifffile.imread(tiff, aszarr=True), mode="r")
+    for k, dataset in enumerate(multiscale["datasets"]):
+        np.testing.assert_array_equal(group[dataset["path"]][:], levels[str(k)][:])
+    assert group["0"][:].any() and group["0"].shape == big
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary folder was renamed
