@@ -295,7 +295,7 @@ def main() -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-seams", action="store_true")
     parser.add_argument("--seam-images", type=int, default=4,
-                        help="real images for the seams figure (classical)")
+                        help="real images for the seams figure (classical; 0 = skip)")
     parser.add_argument("--seam-images-model", type=int, default=2,
                         help="real images for the seams figure (--model)")
     args = parser.parse_args()
@@ -305,8 +305,10 @@ def main() -> int:
     if not args.skip_seams:
         print("seams: whole real MoNuSeg images (0.25 µm/px) segmented alone vs by the slide "
               "path")
-        report["seams"] = {"classical": seams(work, "classical", args.seam_images)}
-        if args.model:
+        report["seams"] = {}
+        if args.seam_images > 0:
+            report["seams"]["classical"] = seams(work, "classical", args.seam_images)
+        if args.model and args.seam_images_model > 0:
             report["seams"]["tiny"] = seams(work, args.model, args.seam_images_model)
     if not args.skip_memory:
         print(f"memory and throughput: synthetic slides, classical, {args.workers} local worker(s)")

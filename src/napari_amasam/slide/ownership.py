@@ -60,7 +60,9 @@ class _Stats:
 
 
 class _StatsCache:
-    def __init__(self, size: int = 12):
+    """The last parts used (a part and its eight neighbours fit)."""
+
+    def __init__(self, size: int = 9):
         self.size = size
         self._items: OrderedDict[Path, _Stats] = OrderedDict()
 
