@@ -114,7 +114,8 @@ def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> d
     return {"name": path.name, "sha256": sha256_file(path), "path": str(path)}
 
 
-def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str, Any]:
+def _validate(model, model_cfg, thresholds, val_items, device, mpp,
+              input_mpp=None) -> dict[str, Any]:
     """Full-image validation through the real predictor (tiling + post-processing).
 
     The network runs once per image; its maps are post-processed with the configured
@@ -134,7 +135,10 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str,
     candidates = [thresholds]
     if model_cfg.distance_heads and thresholds.method == "distance":
         candidates.append(_dc.replace(thresholds, method="edt"))
-    maps = [(stem, predictor.predict_maps(image), labels) for stem, image, labels in val_items]
+    # Validation images stay at the primary's scale (metrics on the user's pixels); the
+    # predictor rescales them to the working scale ``mpp`` as inference will.
+    maps = [(stem, predictor.predict_maps(image, input_mpp=input_mpp), labels)
+            for stem, image, labels in val_items]
     best = None
     for candidate in candidates:
         per_image = {stem: evaluate_pair(labels, predictor.postprocess(m, candidate))
@@ -164,7 +168,7 @@ def _load_init_weights(model, path: Path) -> None:
     model.load_trainable_state_dict(state, str(path))
 
 
-def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, out):
+def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, input_mpp, out):
     """Thresholds for the best weights, chosen on (at most 4) validation images."""
     from ..inference.predictor import Predictor
     from .thresholds import optimize_thresholds
@@ -173,7 +177,7 @@ def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, out):
     model.eval()
     predictor = Predictor(model, model_cfg, thresholds, mpp=mpp, device=device)
     items = [(image, labels) for _, image, labels in val_items[:4]]
-    return optimize_thresholds(predictor, items, thresholds)
+    return optimize_thresholds(predictor, items, thresholds, input_mpp=input_mpp)
 
 
 def train(
@@ -226,6 +230,8 @@ def train(
             cfg.checkpoint = init_folder.base_checkpoint.get("path")
         if cfg.mpp is None:
             cfg.mpp = init_folder.mpp
+        if init_folder.mpp is not None:
+            cfg.model_mpp = init_folder.mpp  # its weights were learned at this scale
 
     if model_cfg.backbone not in RANDOM_BACKBONES and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise CheckpointError(f"{cfg.checkpoint}: SAM checkpoint not found")
@@ -252,9 +258,10 @@ def train(
     aux_mpp = cfg.aux_mpp or [None] * len(cfg.aux)
     if len(aux_mpp) != len(cfg.aux):
         raise ConfigError(f"{len(aux_mpp)} auxiliary mpp values for {len(cfg.aux)} auxiliary folders")
-    datasets = [DomainDataset(train_pairs, 0, mpp=cfg.mpp, target_mpp=cfg.mpp)]
+    scale = cfg.working_mpp  # every domain is rescaled to the network's working scale
+    datasets = [DomainDataset(train_pairs, 0, mpp=cfg.mpp, target_mpp=scale)]
     for i, (folder_path, mpp) in enumerate(zip(cfg.aux, aux_mpp, strict=True), start=1):
-        datasets.append(DomainDataset(find_pairs(folder_path), i, mpp=mpp, target_mpp=cfg.mpp))
+        datasets.append(DomainDataset(find_pairs(folder_path), i, mpp=mpp, target_mpp=scale))
     sampler = MultiDomainSampler(
         datasets, cfg.batch_size, cfg.primary_share, seed=cfg.seed + 7919 * rank,
         crop_size=model_cfg.image_size, augment=cfg.augment,
@@ -305,7 +312,7 @@ def train(
             if model_cfg.backbone in RANDOM_BACKBONES:
                 atomic_torch_save(model.sam_state_dict(), work / base_sam.name)
             write_config(work, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
-                         cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
+                         scale, data={**report.summary(), "validation": [p.stem for p in val_pairs],
                                         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
             write_thresholds(work, thresholds)
         except BaseException:
@@ -375,7 +382,7 @@ def train(
                 metrics: dict[str, Any] = {}
                 is_best = False
                 if is_main and val_items and (epoch % cfg.val_every == 0 or step == total_steps):
-                    val = _validate(model, model_cfg, thresholds, val_items, device, cfg.mpp)
+                    val = _validate(model, model_cfg, thresholds, val_items, device, scale, cfg.mpp)
                     metrics = val["mean"]
                     dice = metrics.get("dice", float("nan"))
                     is_best = bool(np.isfinite(dice) and dice > best_dice)
@@ -414,7 +421,8 @@ def train(
         yield save(step, step // steps_per_epoch, best=False)
     elif is_main and cfg.tune_thresholds and val_items:
         yield {"stage": "setup", "message": "choosing post-processing thresholds on validation images"}
-        tuned, scores = _tune_thresholds(model, model_cfg, thresholds, val_items, device, cfg.mpp, out)
+        tuned, scores = _tune_thresholds(model, model_cfg, thresholds, val_items, device, scale,
+                                         cfg.mpp, out)
         write_thresholds(out, tuned)
         yield {"stage": "thresholds", "thresholds": tuned.to_dict(), "metrics": scores}
     if is_main:
