@@ -33,7 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .parts import PartInfo, PartStore, part_name, save_nuclei
+from .parts import (
+    TABLE_COLUMNS,
+    PartInfo,
+    PartStore,
+    load_part,
+    measure_nuclei,
+    part_name,
+    read_geometries,
+    save_part,
+)
 
 #: Overlap, as a share of the smaller nucleus, above which two regions' nuclei are taken to
 #: be two versions of one nucleus (touching neighbours overlap by a rim, not by half).
@@ -155,6 +164,41 @@ def _link_or_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def _save_settled(store: PartStore, info: PartInfo, settled: np.ndarray, old_area: np.ndarray,
+                  read_image, downsample: float) -> None:
+    """Write a changed part: nuclei that kept all their pixels keep their stored rows and
+    outlines; only the changed ones are measured and outlined again (a few per part)."""
+    new_area = np.bincount(settled.ravel(), minlength=info.count + 1)
+    new_area[0] = 0
+    survivors = np.flatnonzero(new_area)
+    changed = survivors[new_area[survivors] != old_area[survivors]]
+    lut = np.zeros(info.count + 1, np.uint32)
+    lut[survivors] = np.arange(1, survivors.size + 1, dtype=np.uint32)
+    part = load_part(info.path)
+    geometries = read_geometries(part)
+    table = {name: part[name][survivors - 1].copy() for name in TABLE_COLUMNS}
+    kept = [geometries[i - 1] for i in survivors]
+    if changed.size:
+        # The changed nuclei alone (ids 1..k in ``changed`` order), measured on their box.
+        sub_lut = np.zeros(info.count + 1, np.uint32)
+        sub_lut[changed] = np.arange(1, changed.size + 1, dtype=np.uint32)
+        sub = sub_lut[settled]
+        rows_any = np.flatnonzero(sub.any(axis=1))
+        cols_any = np.flatnonzero(sub.any(axis=0))
+        y0, y1 = int(rows_any[0]), int(rows_any[-1]) + 1
+        x0, x1 = int(cols_any[0]), int(cols_any[-1]) + 1
+        oy, ox = info.origin[0] + y0, info.origin[1] + x0
+        image = read_image(oy, ox, y1 - y0, x1 - x0)
+        _, _, measured, outlines = measure_nuclei(sub[y0:y1, x0:x1], (oy, ox), image,
+                                                  downsample)
+        where = np.searchsorted(survivors, changed)
+        for name in TABLE_COLUMNS:
+            table[name][where] = measured[name]
+        for k, position in enumerate(where):
+            kept[position] = outlines[k]
+    save_part(store.settled, info.index, lut[settled], info.origin, table, kept)
+
+
 def settle_overlaps(store: PartStore, infos: list[PartInfo], cores: dict[int, Core],
                     read_image, downsample: float) -> Iterator[int]:
     """Write every part into ``store.settled`` with its overlaps settled; yields indices.
@@ -166,7 +210,7 @@ def settle_overlaps(store: PartStore, infos: list[PartInfo], cores: dict[int, Co
         The original parts of every region of the plan.
     cores : dict region index -> (y0, x0, y1, x1)
     read_image : callable ``(y, x, h, w) -> (h, w, 3) uint8``
-        Processing-resolution pixels (to re-measure a changed part's mean intensity).
+        Processing-resolution pixels (to measure the mean intensity of changed nuclei).
     downsample : float
         Level-0 pixels per processing pixel.
     """
@@ -187,11 +231,5 @@ def settle_overlaps(store: PartStore, infos: list[PartInfo], cores: dict[int, Co
         if settled is None:
             _link_or_copy(info.path, target)
         else:
-            ids = np.unique(settled)
-            ids = ids[ids > 0]
-            lut = np.zeros(info.count + 1, np.uint32)
-            lut[ids] = np.arange(1, ids.size + 1, dtype=np.uint32)
-            h, w = settled.shape
-            image = read_image(info.origin[0], info.origin[1], h, w)
-            save_nuclei(store.settled, info.index, lut[settled], info.origin, image, downsample)
+            _save_settled(store, info, settled, cache.get(info).area, read_image, downsample)
         yield info.index

@@ -73,28 +73,28 @@ def save_part(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[
     return path
 
 
-def save_nuclei(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[int, int],
-                image: np.ndarray, downsample: float) -> int:
-    """Measure, outline and save a region's nuclei as its part; returns how many.
+def measure_nuclei(labels: np.ndarray, origin: tuple[int, int], image: np.ndarray,
+                   downsample: float) -> tuple[np.ndarray, tuple[int, int], dict, list[dict]]:
+    """Crop, measure and outline nuclei: what a part stores about them.
 
     Parameters
     ----------
     labels : (h, w) integer array
-        The region's nuclei, ids ``1..n`` (consecutive), 0 elsewhere.
+        Nuclei with ids ``1..n`` (consecutive), 0 elsewhere; ``n >= 1``.
     origin : (row, col)
         Processing-resolution position of ``labels[0, 0]`` in the slide.
     image : (h, w, 3) uint8 array
         The pixels under ``labels`` (for the mean intensity).
     downsample : float
         Level-0 pixels per processing pixel (outlines are written in level-0 pixels).
+
+    Returns
+    -------
+    (labels cropped to the nuclei, the crop's origin, measurement columns (centroids in
+    slide-wide processing pixels), GeoJSON geometries in id order)
     """
     from ..export import labels_to_geojson, nucleus_measurements
 
-    n = int(labels.max()) if labels.size else 0
-    if n == 0:
-        save_part(folder, index, np.zeros((0, 0), np.uint32), origin,
-                  {name: np.zeros(0) for name in TABLE_COLUMNS}, [])
-        return 0
     rows_any = np.flatnonzero(labels.any(axis=1))
     cols_any = np.flatnonzero(labels.any(axis=0))
     by0, by1 = int(rows_any[0]), int(rows_any[-1]) + 1
@@ -108,8 +108,28 @@ def save_nuclei(folder: str | Path, index: int, labels: np.ndarray, origin: tupl
                                    downsample=downsample)
     # The whole geometry: holes (a ring-shaped nucleus) and pieces stay what they are.
     geometries = [feature["geometry"] for feature in collection["features"]]
-    save_part(folder, index, crop, (oy, ox), table, geometries)
+    return crop, (oy, ox), table, geometries
+
+
+def save_nuclei(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[int, int],
+                image: np.ndarray, downsample: float) -> int:
+    """Measure, outline and save a region's nuclei as its part; returns how many.
+
+    Parameters as :func:`measure_nuclei` (``labels`` may hold no nucleus).
+    """
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        save_part(folder, index, np.zeros((0, 0), np.uint32), origin,
+                  {name: np.zeros(0) for name in TABLE_COLUMNS}, [])
+        return 0
+    crop, crop_origin, table, geometries = measure_nuclei(labels, origin, image, downsample)
+    save_part(folder, index, crop, crop_origin, table, geometries)
     return n
+
+
+def read_geometries(part: dict[str, np.ndarray]) -> list[dict]:
+    """The GeoJSON geometries of a loaded part (:func:`load_part`), in id order."""
+    return json.loads(part["geometries"].tobytes().decode())
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export import _atomic_write
-from .parts import PartCache, PartInfo, load_part
+from .parts import PartCache, PartInfo, load_part, read_geometries
 
 #: Tile side of the labels TIFF (pixels).
 TILE = 256
@@ -193,7 +193,7 @@ def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, dict]]:
         if info.count == 0:
             continue
         part = load_part(info.path)
-        geometries = json.loads(part["geometries"].tobytes().decode())
+        geometries = read_geometries(part)
         for i in range(info.count):
             row = {name: float(part[name][i]) for name in
                    ("area", "perimeter", "eccentricity", "mean_intensity", "centroid_y",
