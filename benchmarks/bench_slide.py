@@ -136,7 +136,11 @@ def _tree_rss(process) -> int:
     import psutil
 
     total = 0
-    for p in [process] + process.children(recursive=True):
+    try:
+        tree = [process] + process.children(recursive=True)
+    except psutil.Error:  # the run ended between two polls
+        return 0
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:
