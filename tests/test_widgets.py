@@ -200,6 +200,38 @@ def test_train_widget_runs_and_cancel_saves_a_loadable_model(
     assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()
 
 
+def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
+    """The form shows config.train_defaults(backbone), the CLI's defaults, for every backbone
+    (tiny_conv included) and switches them when the backbone changes; hidden settings too."""
+    from napari_amasam.config import BACKBONES, RANDOM_BACKBONES, train_defaults
+
+    train = _dock(make_napari_viewer(), "Train")
+    offered = [train.backbone.itemText(i) for i in range(train.backbone.count())]
+    assert offered == list(BACKBONES) and "tiny_conv" in offered
+    train.primary.setText("p")
+    train.output.setText("o")
+    # Back and forth between a random CPU backbone and a SAM ViT, whose defaults differ.
+    for backbone in ("vit_b", "tiny_conv", "vit_h", "tiny", "vit_l", "tiny_conv"):
+        train.backbone.setCurrentText(backbone)
+        defaults = train_defaults(backbone)
+        shown = {"image_size": train.image_size.value(), "lr": train.lr.value(),
+                 "epochs": train.epochs.value(), "batch_size": train.batch_size.value(),
+                 "steps_per_epoch": train.steps_per_epoch.value()}
+        assert shown == pytest.approx({k: defaults[k] for k in shown}), backbone
+        assert train.train_encoder.isChecked() == (backbone in RANDOM_BACKBONES)
+        assert train.checkpoint.isEnabled() == (backbone not in RANDOM_BACKBONES)
+        train_cfg, model_cfg = train.configs()
+        assert model_cfg.backbone == backbone
+        assert model_cfg.image_size == defaults["image_size"]
+        assert model_cfg.lambda_max == defaults["lambda_max"]
+        for key in ("epochs", "steps_per_epoch", "batch_size", "lr", "lr_gamma",
+                    "primary_share", "val_fraction"):
+            assert getattr(train_cfg, key) == pytest.approx(defaults[key]), (backbone, key)
+    # A value the user edits is used as given.
+    train.epochs.setValue(3)
+    assert train.configs()[0].epochs == 3
+
+
 def test_train_widget_reports_bad_settings(make_napari_viewer, tmp_path):
     train = _dock(make_napari_viewer(), "Train")
     assert train.start() is None
@@ -712,13 +744,13 @@ def test_smaller_items(make_napari_viewer, tmp_path, monkeypatch):
         layer = viewer.add_image(tifffile.imread(path), name="tagged", rgb=True)
     segment.image_layer.setCurrentText(layer.name)
     assert segment.pixel_size.value() == pytest.approx(0.5)
-    # Train defaults on a CPU without a checkpoint: the tiny encoder, trained, as make demo.
-    assert train.backbone.currentText() == "tiny"
+    # Train defaults on a CPU without a checkpoint: the tiny_conv encoder, trained, as make demo.
+    assert train.backbone.currentText() == "tiny_conv"
     assert train.train_encoder.isChecked() and train.image_size.value() == 256
     assert train.lr.value() == pytest.approx(1e-3)
     train_cfg, model_cfg = (train.primary.setText("p"), train.output.setText("o"),
                             train.configs())[-1]
-    assert model_cfg.trainable_backbone and model_cfg.backbone == "tiny"
+    assert model_cfg.trainable_backbone and model_cfg.backbone == "tiny_conv"
 
 
 def test_samples_open_side_by_side(make_napari_viewer):
