@@ -274,6 +274,9 @@ def test_segment_classical_writes_labels_with_features_and_exports(make_napari_v
     assert len(csv_lines) == len(ids) + 1
     assert segment.export(tmp_path / "out.xyz") is None and ".xyz" in str(segment.last_error)
 
+    # The job's end (common.end_job): progress closed, Run back on, Cancel off.
+    assert segment._progress is None
+    assert segment.run_button.isEnabled() and not segment.cancel_button.isEnabled()
     # A second run updates the same layer instead of adding another one.
     n_layers = len(viewer.layers)
     segment.run()

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._batch import BatchSection
-from ._common import Progress, device_combo, notify, report_error, trained_models
+from ._common import Progress, device_combo, end_job, notify, report_error, trained_models
 from ._export import ask_export_path, export_nuclei
 from ._layout import ScrollableDock, Section, tip
 from ._nuclei_layer import measure_nuclei, write_nuclei_layer
@@ -485,11 +485,7 @@ class SegmentWidget(ScrollableDock):
             self.status.setText(record.get("message", stage))
 
     def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        end_job(self, self.run_button)
         self.prompts.on_job_finished()
 
     def show_error(self, exc: BaseException) -> None:

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..config import BACKBONES, RANDOM_BACKBONES, train_defaults
-from ._common import PathPicker, Progress, device_combo, notify, report_error, trained_models
+from ._common import PathPicker, Progress, device_combo, end_job, notify, report_error, trained_models
 from ._layout import ScrollableDock, Section, tip
 from ._plot import TrainingPlot
 from ._settings import bind
@@ -339,11 +339,7 @@ class TrainWidget(ScrollableDock):
         self.record_received.emit(record)
 
     def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.start_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        end_job(self, self.start_button)
         if self.last_done is not None and (Path(self.last_done["model_dir"]) / "weights.pt").is_file():
             folder = self.last_done["model_dir"]
             trained_models().add(folder)
