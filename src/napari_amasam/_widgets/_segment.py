@@ -481,7 +481,7 @@ class SegmentWidget(ScrollableDock):
                                      f"epoch {record['epoch']}/{record['epochs']}")
             self.status.setText(f"fine-tuning step {record['step']}/{record['total_steps']} "
                                 f"loss {record['loss']:.4f}")
-        elif stage in ("setup", "postprocess", "measure", "prompt"):
+        elif stage in ("setup", "progress", "postprocess", "measure", "prompt"):
             self.status.setText(record.get("message", stage))
 
     def _on_finished(self) -> None:

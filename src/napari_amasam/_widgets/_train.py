@@ -304,11 +304,13 @@ class TrainWidget(ScrollableDock):
         return self.job.start()
 
     def cancel(self) -> None:
-        """Stop at the next step; the trainer saves a loadable model first."""
+        """Stop after the current step (or batch of validation tiles); the trainer saves a
+        loadable, resumable model first."""
         if self.job is not None and self.job.running:
             self.job.cancel()
             self.cancel_button.setEnabled(False)
-            self.status.setText("cancelling: finishing the current step, then saving…")
+            self.status.setText("cancelling: finishing the current step (or batch of "
+                                "validation tiles), then saving…")
 
     def _on_record(self, record: dict) -> None:
         stage = record.get("stage")
@@ -328,7 +330,7 @@ class TrainWidget(ScrollableDock):
             m = record.get("metrics", {})
             self.status.setText(f"validation epoch {record['epoch']}: " + "  ".join(
                 f"{k} {m[k]:.3f}" for k in ("dice", "aji", "pq") if k in m))
-        elif stage == "setup":
+        elif stage in ("setup", "progress"):
             self.status.setText(record.get("message", ""))
         elif stage == "done":
             self.last_done = record
