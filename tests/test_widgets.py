@@ -232,6 +232,48 @@ def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
     assert train.configs()[0].epochs == 3
 
 
+def test_train_widget_cancel_during_validation_is_prompt_and_resumable(
+        make_napari_viewer, primary_folder, tmp_path):
+    """Defect 8 (cancel waited for a whole step, validation and threshold search included):
+    Cancel while validating stops after that batch of tiles, saves every step done, and the
+    folder resumes to a finished model."""
+    from napari_amasam.training.trainer import resume_config
+
+    train = _dock(make_napari_viewer(), "Train")
+    out = tmp_path / "model"
+    train.primary.setText(str(primary_folder))
+    train.backbone.setCurrentText("tiny")
+    train.model_options = TINY
+    train.image_size.setValue(128)
+    train.epochs.setValue(2)
+    train.steps_per_epoch.setValue(2)
+    train.batch_size.setValue(2)
+    train.device.setCurrentText("cpu")
+    train.output.setText(str(out))
+    records, cancelled_at = [], []
+
+    def on_record(record):
+        records.append(record)
+        if record["stage"] == "progress" and not cancelled_at:
+            assert record["task"] == "validation" and "validating" in train.status.text()
+            train.cancel()
+            cancelled_at.append(len(records))
+
+    train.record_received.connect(on_record)
+    assert train.start() is not None and train.last_error is None, train.status.text()
+    assert cancelled_at and [r["stage"] for r in records[cancelled_at[0]:]] == ["save", "done"]
+    assert records[-1]["cancelled"] and records[-1]["step"] == 2
+    assert "cancelled at step 2" in train.status.text()
+    assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()
+    # Resumed through the same worker path: the two remaining steps, then a finished model.
+    records.clear()
+    cancelled_at.append("no more cancels")
+    train.run_training(resume_config(out), resume=True)
+    assert [r["step"] for r in records if r["stage"] == "train"] == [3, 4]
+    assert records[-1]["stage"] == "done" and not records[-1]["cancelled"]
+    assert "finished at step 4" in train.status.text()
+
+
 def test_train_widget_reports_bad_settings(make_napari_viewer, tmp_path):
     train = _dock(make_napari_viewer(), "Train")
     assert train.start() is None
