@@ -316,6 +316,8 @@ def test_segment_classical_writes_labels_with_features_and_exports(make_napari_v
     assert len(csv_lines) == len(ids) + 1
     assert segment.export(tmp_path / "out.xyz") is None and ".xyz" in str(segment.last_error)
 
+    # Labels in the smallest unsigned dtype that holds the ids (~100 nuclei: uint8).
+    assert layer.data.dtype == (np.uint8 if ids.max() <= 255 else np.uint16)
     # The job's end (common.end_job): progress closed, Run back on, Cancel off.
     assert segment._progress is None
     assert segment.run_button.isEnabled() and not segment.cancel_button.isEnabled()
@@ -876,6 +878,51 @@ def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
     segment.model.setCurrentText("classical")
     assert segment.prompts.segment_prompt() is None
     assert "trained model" in str(segment.last_error)
+
+
+def test_nuclei_layers_use_the_smallest_dtype_that_holds_their_ids(make_napari_viewer):
+    """uint8 up to 255 nuclei, uint16 up to 65,535, then uint32: never int32 for 100 nuclei,
+    never a wrapped id."""
+    import pandas as pd
+
+    from napari_amasam._widgets._nuclei_layer import write_nuclei_layer
+
+    viewer = make_napari_viewer()
+    image_layer = viewer.add_image(np.zeros((300, 300, 3), np.uint8), name="img", rgb=True)
+    no_features = pd.DataFrame({"index": np.zeros(0, int), "label": np.zeros(0, int)})
+    for max_id, dtype in ((200, np.uint8), (300, np.uint16), (70000, np.uint32)):
+        labels = (np.arange(300 * 300, dtype=np.int64).reshape(300, 300) % max_id) + 1
+        layer, _ = write_nuclei_layer(viewer, image_layer, labels, no_features, "test")
+        assert layer.data.dtype == dtype, max_id
+        assert np.asarray(layer.data).max() == max_id  # nothing wrapped
+        np.testing.assert_array_equal(np.asarray(layer.data), labels)
+
+
+@pytest.mark.parametrize("top_id, widened", [(255, np.uint16), (65535, np.uint32)])
+def test_a_prompt_past_the_dtype_widens_the_layer(make_napari_viewer, tiny_model, top_id,
+                                                   widened):
+    """A prompt's new id (max + 1) that no longer fits in the layer's dtype widens it
+    instead of wrapping to 0; undo still restores the layer's values."""
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setCurrentText(str(tiny_model))
+    segment.device.setCurrentText("cpu")
+    segment.foreground.setValue(0.0)
+    segment.run()
+    layer = viewer.layers["breast nuclei"]
+    before = np.asarray(layer.data).astype(np.int64)
+    before[0, 0] = top_id  # a nucleus with the largest id the dtype holds
+    layer.data = before.astype(np.uint8 if top_id == 255 else np.uint16)
+    _, boxes = segment.prompts.add_prompt_layers()
+    boxes.add_rectangles(np.array([[40, 40], [70, 70]]))
+    commit = segment.prompts.last_commit
+    assert commit is not None and commit["id"] == top_id + 1, segment.status.text()
+    assert layer.data.dtype == widened
+    assert (np.asarray(layer.data) == top_id + 1).sum() == commit["area"] > 0
+    assert np.asarray(layer.data)[0, 0] == top_id
+    layer.undo()
+    np.testing.assert_array_equal(np.asarray(layer.data), before)
 
 
 def test_empty_auxiliary_folder_error_names_that_folder(make_napari_viewer, primary_folder,

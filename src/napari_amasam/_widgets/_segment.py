@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
+from .._labels import compact_labels
 from ._batch import BatchSection
 from ._common import Progress, device_combo, end_job, notify, report_error, trained_models
 from ._export import ask_export_path, export_nuclei
@@ -513,8 +514,9 @@ def segment_steps(image, name, key, cached, thresholds, input_mpp, model_key, ti
             thresholds=None if predictor.is_classical else thresholds)
         ran = True
     yield {"stage": "measure", "message": "measuring nuclei"}
-    features = measure_nuclei(result.labels, image, name)
-    return Segmentation(key, predictor, model_key, result.labels, result.maps, features, ran)
+    labels = compact_labels(result.labels)  # here, off the UI thread
+    features = measure_nuclei(labels, image, name)
+    return Segmentation(key, predictor, model_key, labels, result.maps, features, ran)
 
 
 def _disconnect(signal, slot) -> None:
