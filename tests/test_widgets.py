@@ -896,6 +896,15 @@ def test_nuclei_layers_use_the_smallest_dtype_that_holds_their_ids(make_napari_v
         assert layer.data.dtype == dtype, max_id
         assert np.asarray(layer.data).max() == max_id  # nothing wrapped
         np.testing.assert_array_equal(np.asarray(layer.data), labels)
+    # Painting a new nucleus (M) at 255 nuclei in a uint8 layer: napari alone refuses id
+    # 256; the layer's own binding widens it.
+    full = np.arange(300 * 300).reshape(300, 300) % 255 + 1
+    layer, _ = write_nuclei_layer(viewer, image_layer, full, no_features, "test")
+    assert layer.data.dtype == np.uint8
+    (key_action,) = [action for key, action in layer.keymap.items() if str(key) == "M"]
+    key_action(layer)
+    assert layer.data.dtype == np.uint16 and layer.selected_label == 256
+    np.testing.assert_array_equal(np.asarray(layer.data), full)
 
 
 @pytest.mark.parametrize("top_id, widened", [(255, np.uint16), (65535, np.uint32)])

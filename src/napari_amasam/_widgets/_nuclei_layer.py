@@ -92,6 +92,8 @@ def write_nuclei_layer(viewer, image_layer, labels: np.ndarray, features: Any,
     layer.metadata["model"] = model
     layer.metadata["source_image"] = image_layer.name
     layer.metadata[DIGEST_KEY] = labels_digest(labels)
+    # Painting a new nucleus (M: max id + 1) must work at 255 nuclei in a uint8 layer too.
+    layer.bind_key("m", new_label, overwrite=True)
     return layer, kept
 
 
@@ -104,3 +106,11 @@ def make_room_for(layer, new_id: int) -> None:
     if np.issubdtype(dtype, np.integer) and new_id <= np.iinfo(dtype).max:
         return
     layer.data = np.asarray(layer.data).astype(smallest_label_dtype(new_id))
+
+
+def new_label(layer) -> None:
+    """napari's "new label" key (M) for a nuclei layer: select the largest id + 1, widening
+    the layer's dtype first when that id does not fit (napari itself refuses it)."""
+    new_id = int(np.max(np.asarray(layer.data))) + 1
+    make_room_for(layer, new_id)
+    layer.selected_label = new_id
