@@ -20,7 +20,15 @@ from qtpy.QtWidgets import (
 )
 
 from ..config import BACKBONES, RANDOM_BACKBONES, train_defaults
-from ._common import PathPicker, Progress, device_combo, end_job, notify, report_error, trained_models
+from ._common import (
+    PathPicker,
+    Progress,
+    device_combo,
+    end_job,
+    notify,
+    report_error,
+    trained_models,
+)
 from ._layout import ScrollableDock, Section, tip
 from ._plot import TrainingPlot
 from ._settings import bind

@@ -4,8 +4,9 @@
 bad data), builds the multi-domain sampler and the model, and then yields one record per
 optimiser step and one per validation. A ``threading.Event`` passed as ``cancel`` stops it
 at the next step (or, during validation and the final threshold search, after the current
-batch of tiles or post-processing); what was trained is saved. ``resume=True`` continues from ``last.pt``
-with optimiser, scheduler and RNG state, so a killed run resumed ends at the same step.
+batch of tiles or post-processing); what was trained is saved. ``resume=True`` continues
+from ``last.pt`` with optimiser, scheduler and RNG state, so a killed run resumed ends at
+the same step.
 
 Records (dicts) have a ``stage`` key: ``setup``, ``train``, ``progress`` (validation and
 threshold search: ``task``, ``done``, ``total``, ``message``), ``val``, ``thresholds``,
