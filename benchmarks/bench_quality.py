@@ -124,6 +124,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-tta", action="store_true", help="skip the test-time-augmented rows")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or reuse) the seeds' model folders and stop: run seeds in "
+                             "parallel processes this way, then once more without it for the table")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                         help="extra `napari-amasam train` flags (ablations), after everything else")
     args = parser.parse_args()
@@ -143,6 +146,12 @@ def main() -> int:
     cpm_stems = sorted(p.stem for p in (cpm15 / "images").iterdir())
     datasets = {"MoNuSeg held-out": (monuseg, HELD_OUT, lambda s: MONUSEG_MPP),
                 "CPM-15": (cpm15, cpm_stems, lambda s: CPM15_MPP.get(s, MONUSEG_MPP))}
+
+    if args.train_only:
+        for seed in args.seeds:
+            model_dir, seconds = train_seed(args, seed, primary, tnbc)
+            print(f"seed {seed}: {model_dir} trained in {seconds / 60:.1f} min", flush=True)
+        return 0
 
     classical = Predictor.classical()
     scores: dict[str, dict[str, list[dict]]] = {}  # method -> dataset -> per-seed means
@@ -171,7 +180,7 @@ def main() -> int:
              f"minus {len(HELD_OUT)} held-out images + TNBC (auxiliary), CPU; seeds {args.seeds} "
              "(mean±std over seeds of the mean over images)", ""]
     header = f"| {'dataset':<16} | {'method':<12} | " + " | ".join(f"{k:>11}" for k in KEYS) + " |"
-    lines += [header, "|" + "|".join("-" * (len(c) + 2) for c in header.strip("|").split("|")[:-1]) + "|"]
+    lines += [header, "|" + "|".join("-" * len(c) for c in header.strip("|").split("|")) + "|"]
     for name in datasets:
         for method in scores:
             per_seed = scores[method][name]

@@ -263,6 +263,10 @@ def test_threshold_tuning_finds_better_settings_than_the_defaults():
         def predict_maps(self, image, input_mpp=None):
             return Maps(noisy[0], noisy[1], noisy[2], 1.0)
 
+        def iter_predict_maps(self, image, input_mpp=None):  # as Predictor's: tiles, then maps
+            yield {"stage": "tile", "done": 1, "total": 1}
+            return self.predict_maps(image, input_mpp)
+
     fake = FakePredictor()
     best, scores = optimize_thresholds(fake, [(np.zeros((200, 200, 3), np.uint8), gt)])
     default_aji = evaluate_pair(gt, fake.postprocess(fake.predict_maps(None)))["aji"]
@@ -291,3 +295,45 @@ def test_fine_tune_from_a_model_with_a_different_number_of_domains(tmp_path):
         _cfg(tmp_path, aux=[aux], out=str(tmp_path / "ft2"), init_from=str(second),
              steps_per_epoch=1, val_fraction=0.0), tiny_model_config())
     assert any(k.startswith("discriminator.") for k in load_model(third)[0].trainable_state_dict())
+
+
+def test_working_scale_rescales_training_data_and_inference_inputs(tmp_path):
+    """``model_mpp``: 40x data trained at 20x; the folder records both scales and inference
+    rescales a 40x image to 20x even when the caller does not give its mpp."""
+    from napari_amasam.data.io import read_image
+    from napari_amasam.inference.predictor import Predictor
+
+    primary = primary_folder(tmp_path)
+    cfg = _cfg(tmp_path, steps_per_epoch=2, val_fraction=0.25, mpp=0.25, model_mpp=0.5,
+               tune_thresholds=False)
+    assert cfg.working_mpp == 0.5
+    assert TrainConfig(mpp=None, model_mpp=0.5).working_mpp is None  # unknown data scale
+    assert TrainConfig(mpp=0.25).working_mpp == 0.25
+    out, records = run_training(cfg, tiny_model_config())
+    folder = read_model_folder(out)
+    assert folder.mpp == 0.5 and folder.train.mpp == 0.25 and folder.train.model_mpp == 0.5
+    assert [r for r in records if r["stage"] == "val"]  # validation ran on rescaled images
+
+    predictor = Predictor.from_folder(out, device="cpu")
+    assert (predictor.mpp, predictor.data_mpp) == (0.5, 0.25)
+    image = read_image(next((primary / "images").iterdir()))
+    implicit = predictor.predict_maps(image)
+    explicit = predictor.predict_maps(image, input_mpp=0.25)
+    native = predictor.predict_maps(image, input_mpp=0.5)
+    assert implicit.scale == explicit.scale == 2.0 and native.scale == 1.0
+    assert implicit.foreground.shape == image.shape[:2]
+    np.testing.assert_allclose(implicit.foreground, explicit.foreground)
+    assert not np.allclose(implicit.foreground, native.foreground)
+
+
+def test_cli_tiny_defaults_train_at_20x_from_40x_data(tmp_path):
+    """``train --backbone tiny --mpp 0.25`` without ``--model-mpp`` works at 0.5 µm/px."""
+    from .helpers import run_cli
+
+    primary = primary_folder(tmp_path)
+    out = tmp_path / "m"
+    result = run_cli("train", "--primary", primary, "--out", out, "--backbone", "tiny",
+                     "--mpp", "0.25", "--max-steps", "1", "--val-fraction", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    folder = read_model_folder(out)
+    assert folder.mpp == 0.5 and folder.train.mpp == 0.25

@@ -156,6 +156,7 @@ def test_train_widget_checks_folders(make_napari_viewer, primary_folder, tmp_pat
 
 def test_train_widget_runs_and_cancel_saves_a_loadable_model(
         make_napari_viewer, primary_folder, tmp_path):
+    from napari_amasam.config import train_defaults
     from napari_amasam.inference.predictor import Predictor
 
     viewer = make_napari_viewer()
@@ -194,7 +195,9 @@ def test_train_widget_runs_and_cancel_saves_a_loadable_model(
     # The saved model loads and is offered in the Segment widget.
     predictor = Predictor.from_folder(out, device="cpu")
     assert predictor.model_config.image_size == 128
-    assert predictor.mpp == 0.25  # the pixel size entered in the form travels with the model
+    # The pixel size entered in the form travels with the model, as the working scale of the
+    # backbone's defaults when it has one (tiny: 0.5 µm/px, as the CLI trains it).
+    assert predictor.mpp == (train_defaults("tiny")["model_mpp"] or 0.25)
     assert segment.model.findText(str(out)) >= 0
     assert segment.model_name() == str(out)
     assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()
@@ -227,6 +230,7 @@ def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
         for key in ("epochs", "steps_per_epoch", "batch_size", "lr", "lr_gamma",
                     "primary_share", "val_fraction"):
             assert getattr(train_cfg, key) == pytest.approx(defaults[key]), (backbone, key)
+        assert train_cfg.model_mpp == defaults["model_mpp"], backbone
     # A value the user edits is used as given.
     train.epochs.setValue(3)
     assert train.configs()[0].epochs == 3

@@ -39,8 +39,12 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the CLI's for tiny_conv")
-    parser.add_argument("--steps-per-epoch", type=int, default=None)
+    # The CLI's tiny_conv defaults run 1400 steps (~22 min on 2 cores); the demo keeps every
+    # other default and shortens the schedule to fit its 10-minute budget, decaying the
+    # learning rate to the same ~7 % at the end.
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--steps-per-epoch", type=int, default=80)
+    parser.add_argument("--lr-gamma", type=float, default=0.6)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
@@ -53,13 +57,11 @@ def main() -> int:
     model_dir = out / "model"
     t0 = time.perf_counter()
     print("== 1/3 training the tiny_conv AMA-SAM (primary: MoNuSeg crops, auxiliary: TNBC) ==", flush=True)
-    # The CLI's tiny_conv defaults (config.train_defaults): the encoder trains (random weights,
-    # nothing pretrained to keep), lr 1e-3 decaying per epoch, mild reversal (lambda_max 0.1).
-    length = []
-    if args.epochs:
-        length += ["--epochs", str(args.epochs)]
-    if args.steps_per_epoch:
-        length += ["--steps-per-epoch", str(args.steps_per_epoch)]
+    # The CLI's tiny_conv defaults (config.train_defaults) but for the schedule's length: the
+    # encoder trains (random weights, nothing pretrained to keep), the network works at 20x
+    # (0.5 µm/px), lr 1e-3 decaying per epoch, mild reversal (lambda_max 0.1).
+    length = ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+              "--lr-gamma", str(args.lr_gamma)]
     code = cli([
         "train", "--primary", str(DATA / "monuseg_train"), "--aux", str(DATA / "tnbc_aux"),
         "--out", str(model_dir), "--backbone", "tiny_conv", "--alignment", "cgrl", *length,

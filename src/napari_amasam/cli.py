@@ -63,6 +63,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=None, help="network input side (default 1024; tiny 256)")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the primary data")
     p.add_argument("--aux-mpp", type=float, nargs="*", default=None, help="microns per pixel of each aux folder")
+    p.add_argument("--model-mpp", type=float, default=None,
+                   help="working scale of the network in microns per pixel: every folder is "
+                        "rescaled to it (default 0.5 = 20x for tiny*, the primary's mpp for vit_*; "
+                        "needs --mpp)")
     p.add_argument("--primary-share", type=float, default=None, help="default 0.5")
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.2 for vit_*, 0.1 for tiny*")
     p.add_argument("--no-augment", action="store_true")
@@ -127,8 +131,12 @@ def cmd_train(args) -> int:
         defaults = train_defaults(args.backbone)
         given = {k: getattr(args, k) for k in ("image_size", "lambda_max", "epochs", "steps_per_epoch",
                                                 "batch_size", "lr", "lr_gamma", "primary_share",
-                                                "val_fraction") if getattr(args, k) is not None}
+                                                "val_fraction", "model_mpp") if getattr(args, k) is not None}
         settings = {**defaults, **given}
+        if args.mpp is None and settings["model_mpp"] is not None:
+            print(f"warning: no --mpp: training at the images' own scale, not at the "
+                  f"{settings['model_mpp']} µm/px working scale of {args.backbone} (give the "
+                  "primary's microns per pixel, e.g. --mpp 0.25 for 40x)", file=sys.stderr)
         model_cfg = ModelConfig(backbone=args.backbone, image_size=settings["image_size"],
                                 alignment=args.alignment, lambda_max=settings["lambda_max"],
                                 decoder_adapter=args.decoder_adapter,
@@ -139,6 +147,7 @@ def cmd_train(args) -> int:
             epochs=settings["epochs"], max_steps=0 if args.max_steps is None else args.max_steps,
             steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
             lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
+            model_mpp=settings["model_mpp"],
             primary_share=settings["primary_share"], val_fraction=settings["val_fraction"],
             augment=not args.no_augment, device=args.device, seed=args.seed,
             num_threads=args.threads,

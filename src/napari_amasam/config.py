@@ -290,7 +290,14 @@ class TrainConfig:
     mpp : float or None
         Microns per pixel of the primary data (None: images used at their native scale).
     aux_mpp : list of float or None
-        Microns per pixel per auxiliary folder; they are rescaled to ``mpp``.
+        Microns per pixel per auxiliary folder; they are rescaled to the working scale.
+    model_mpp : float or None
+        Working scale of the network in microns per pixel: every folder whose mpp is known is
+        rescaled to it on load, validation rescales the primary images the same way, and the
+        model folder records it (inference rescales its inputs to it). None = ``mpp`` (the
+        primary's own scale). Ignored when ``mpp`` is unknown. ``train_defaults`` gives
+        the random ``tiny*`` backbones 0.5 (20x): a 256-px crop then holds four times the
+        tissue of a 40x crop, so each CPU step sees four times the nuclei.
     augment : bool
         Flips, 90-degree rotations, HED stain jitter and blur (milder on the primary domain).
     loss weights : float
@@ -328,6 +335,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     mpp: float | None = None
     aux_mpp: list[float] | None = None
+    model_mpp: float | None = None
     augment: bool = True
     coarse_weight: float = 0.5
     distance_weight: float = 1.0
@@ -354,6 +362,8 @@ class TrainConfig:
         _require(self.mpp is None or self.mpp > 0, f"mpp must be positive, not {self.mpp}")
         _require(self.aux_mpp is None or all(m is None or m > 0 for m in self.aux_mpp),
                  f"auxiliary mpp values must be positive, not {self.aux_mpp}")
+        _require(self.model_mpp is None or self.model_mpp > 0,
+                 f"model mpp must be positive, not {self.model_mpp}")
         if self.primary:
             primary = Path(self.primary).resolve()
             for folder in self.aux:
@@ -367,6 +377,14 @@ class TrainConfig:
             raise ConfigError("validation fraction must be in [0, 1)")
         if self.lr <= 0:
             raise ConfigError("learning rate must be positive")
+
+    @property
+    def working_mpp(self) -> float | None:
+        """Microns per pixel the network trains at (``model_mpp``, else ``mpp``; None if the
+        primary's scale is unknown)."""
+        if self.mpp is None:
+            return None
+        return self.model_mpp or self.mpp
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -382,21 +400,25 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     ``vit_b/l/h`` keep the paper's protocol (method.md 1.3: Adam 1e-4, ExponentialLR 0.98 per
     epoch, 30 epochs of one pass over the primary images, batch 4 with mixed domains, 1024 px,
     lambda_max 1). The random ``tiny``/``tiny_conv`` backbones learn from scratch on a CPU:
-    256-px crops, a 10x larger learning rate that decays to ~7 % over 12 short epochs of 40
-    steps (about 20 minutes on a 2-core CPU), a mild reversal strength (0.1, so the
-    adversarial term cannot swamp an encoder that is still learning what a nucleus is), and
-    10 % of the primary images for validation (per-epoch validation stays a small share of
-    the run). Measured in benchmarks/bench_quality.py.
+    the network works at 0.5 µm/px (20x; ``model_mpp``: 40x data are rescaled, so a 256-px
+    crop holds four times the tissue and inference is four times cheaper), 256-px crops, a
+    10x larger learning rate that decays to ~7 % over 14 epochs of 100 steps (1400 steps,
+    about 0.9 s each on a 2-core CPU: under 25 minutes with validation), a mild reversal
+    strength (0.1, so the adversarial term cannot swamp an encoder that is still learning
+    what a nucleus is), and 10 % of the primary images for validation (cheap at 20x). The
+    learning curve on a GPU (benchmarks/README.md) shows the tiny_conv recipe still gaining
+    at 3000 steps: on a CPU the step count is set by the time budget, not by convergence.
+    Measured in benchmarks/bench_quality.py.
 
     Returns
     -------
     dict
         ``image_size`` and ``lambda_max`` (ModelConfig fields) and the TrainConfig fields
         ``epochs``, ``steps_per_epoch``, ``batch_size``, ``lr``, ``lr_gamma``,
-        ``primary_share``, ``val_fraction``.
+        ``primary_share``, ``val_fraction``, ``model_mpp``.
     """
     if backbone in RANDOM_BACKBONES:
-        return dict(image_size=256, lambda_max=0.1, epochs=12, steps_per_epoch=40, batch_size=4,
-                    lr=1e-3, lr_gamma=0.8, primary_share=0.5, val_fraction=0.1)
+        return dict(image_size=256, lambda_max=0.1, epochs=14, steps_per_epoch=100, batch_size=4,
+                    lr=1e-3, lr_gamma=0.826, primary_share=0.5, val_fraction=0.1, model_mpp=0.5)
     return dict(image_size=1024, lambda_max=1.0, epochs=30, steps_per_epoch=0, batch_size=4,
-                lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2)
+                lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2, model_mpp=None)

@@ -272,6 +272,7 @@ class TrainWidget(ScrollableDock):
             steps_per_epoch=self.steps_per_epoch.value(), batch_size=self.batch_size.value(),
             lr=self.lr.value(), lr_gamma=defaults["lr_gamma"],
             primary_share=defaults["primary_share"], val_fraction=defaults["val_fraction"],
+            model_mpp=defaults["model_mpp"],
             device=self.device.currentText(), mpp=self.mpp.value() or None,
         )
         return train_cfg, model_cfg
@@ -292,6 +293,9 @@ class TrainWidget(ScrollableDock):
             return None
         if model_cfg.backbone not in RANDOM_BACKBONES and not train_cfg.checkpoint:
             notify(f"no SAM checkpoint for {model_cfg.backbone}: the encoder gets random weights")
+        if train_cfg.mpp is None and train_cfg.model_mpp is not None:
+            notify(f"microns per pixel unknown: training at the images' own scale, not at the "
+                   f"{train_cfg.model_mpp} µm/px working scale of {model_cfg.backbone}")
         return self.run_training(train_cfg, model_cfg)
 
     def run_training(self, train_cfg, model_cfg=None, resume: bool = False) -> Job:

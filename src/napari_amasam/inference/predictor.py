@@ -149,12 +149,18 @@ class Predictor:
     thresholds : PostprocessConfig or None
         Default post-processing settings (a model folder's ``thresholds.json``).
     mpp : float or None
-        Microns per pixel of the training data (None: unknown, images are used as they are).
+        Microns per pixel the network works at (the model folder's ``mpp``; None: unknown,
+        images are used as they are).
     device : str or torch.device
         ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
     precision : str or None
         ``fp32``, ``bf16`` or ``auto`` (see ``napari_amasam.precision``); None: the model
         config's ``precision`` (``auto`` when there is no config).
+    data_mpp : float or None
+        Microns per pixel assumed for an image whose ``input_mpp`` is not given: the scale of
+        the data the model was trained on (a model working at 20x from 40x training images
+        still gets 40x inputs rescaled when the caller says nothing). None: such images are
+        used at the working scale as they are.
     """
 
     def __init__(
@@ -165,6 +171,7 @@ class Predictor:
         mpp: float | None = None,
         device: str | torch.device = "auto",
         precision: str | None = None,
+        data_mpp: float | None = None,
     ):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if precision is None:
@@ -176,6 +183,7 @@ class Predictor:
         self.model_config = model_config
         self.thresholds = thresholds if thresholds is not None else PostprocessConfig()
         self.mpp = _check_mpp(mpp, "model mpp")
+        self.data_mpp = _check_mpp(data_mpp, "training data mpp")
         self.model = model
         self._classical_cfg: Any = None
         if model is not None:
@@ -218,7 +226,9 @@ class Predictor:
         if precision is not None:
             check_precision(precision)  # before the (slow) model build
         model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)
-        return cls(model.eval(), folder.model, folder.thresholds, folder.mpp, resolved, precision)
+        data_mpp = folder.train.mpp if folder.train is not None else None
+        return cls(model.eval(), folder.model, folder.thresholds, folder.mpp, resolved, precision,
+                   data_mpp=data_mpp)
 
     @classmethod
     def classical(cls, cfg: Any = None, mpp: float | None = CLASSICAL_MPP) -> Predictor:
@@ -244,10 +254,13 @@ class Predictor:
 
     # ------------------------------------------------------------------------- internals
     def _scale_for(self, input_mpp: float | None) -> float:
-        """``mpp_model / mpp_input``, or 1.0 when either is unknown."""
+        """``mpp_model / mpp_input`` (``data_mpp`` standing in for an unknown input mpp), or
+        1.0 when either is unknown."""
         input_mpp = _check_mpp(input_mpp, "input mpp")
         if input_mpp is None:
-            return 1.0
+            if self.data_mpp is None or self.mpp is None:
+                return 1.0
+            input_mpp = self.data_mpp
         if self.mpp is None:
             warnings.warn(
                 f"input mpp {input_mpp} given but the model's training mpp is unknown; "

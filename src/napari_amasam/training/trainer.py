@@ -118,8 +118,8 @@ def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> d
     return {"name": path.name, "sha256": sha256_file(path), "path": str(path)}
 
 
-def _iter_validate(model, model_cfg, thresholds, val_items, device,
-                   mpp) -> Generator[Record, None, dict[str, Any]]:
+def _iter_validate(model, model_cfg, thresholds, val_items, device, mpp,
+                   input_mpp=None) -> Generator[Record, None, dict[str, Any]]:
     """Full-image validation through the real predictor (tiling + post-processing).
 
     The network runs once per image; its maps are post-processed with the configured
@@ -142,10 +142,12 @@ def _iter_validate(model, model_cfg, thresholds, val_items, device,
     candidates = [thresholds]
     if model_cfg.distance_heads and thresholds.method == "distance":
         candidates.append(_dc.replace(thresholds, method="edt"))
+    # Validation images stay at the primary's scale (metrics on the user's pixels); the
+    # predictor rescales them to the working scale ``mpp`` as inference will.
     n = len(val_items)
     maps = []
     for k, (stem, image, labels) in enumerate(val_items, start=1):
-        tiles = predictor.iter_predict_maps(image)
+        tiles = predictor.iter_predict_maps(image, input_mpp=input_mpp)
         while True:
             try:
                 tile = next(tiles)
@@ -170,9 +172,10 @@ def _iter_validate(model, model_cfg, thresholds, val_items, device,
             "n_skipped": summary.get("n_skipped", 0), "images": per_image}
 
 
-def _validate(model, model_cfg, thresholds, val_items, device, mpp) -> dict[str, Any]:
+def _validate(model, model_cfg, thresholds, val_items, device, mpp,
+              input_mpp=None) -> dict[str, Any]:
     """:func:`_iter_validate` run to the end (scripts and tests)."""
-    generator = _iter_validate(model, model_cfg, thresholds, val_items, device, mpp)
+    generator = _iter_validate(model, model_cfg, thresholds, val_items, device, mpp, input_mpp)
     while True:
         try:
             next(generator)
@@ -217,7 +220,7 @@ def _load_init_weights(model, path: Path) -> None:
     model.load_trainable_state_dict(state, str(path))
 
 
-def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, out):
+def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, input_mpp, out):
     """Thresholds for the best weights, chosen on (at most 4) validation images: a generator
     of progress records that returns ``(thresholds, scores)``."""
     from ..inference.predictor import Predictor
@@ -227,7 +230,7 @@ def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, out):
     model.eval()
     predictor = Predictor(model, model_cfg, thresholds, mpp=mpp, device=device)
     items = [(image, labels) for _, image, labels in val_items[:4]]
-    return (yield from iter_optimize_thresholds(predictor, items, thresholds))
+    return (yield from iter_optimize_thresholds(predictor, items, thresholds, input_mpp=input_mpp))
 
 
 def train(
@@ -280,6 +283,8 @@ def train(
             cfg.checkpoint = init_folder.base_checkpoint.get("path")
         if cfg.mpp is None:
             cfg.mpp = init_folder.mpp
+        if init_folder.mpp is not None:
+            cfg.model_mpp = init_folder.mpp  # its weights were learned at this scale
 
     if model_cfg.backbone not in RANDOM_BACKBONES and cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise CheckpointError(f"{cfg.checkpoint}: SAM checkpoint not found")
@@ -306,9 +311,10 @@ def train(
     aux_mpp = cfg.aux_mpp or [None] * len(cfg.aux)
     if len(aux_mpp) != len(cfg.aux):
         raise ConfigError(f"{len(aux_mpp)} auxiliary mpp values for {len(cfg.aux)} auxiliary folders")
-    datasets = [DomainDataset(train_pairs, 0, mpp=cfg.mpp, target_mpp=cfg.mpp)]
+    scale = cfg.working_mpp  # every domain is rescaled to the network's working scale
+    datasets = [DomainDataset(train_pairs, 0, mpp=cfg.mpp, target_mpp=scale)]
     for i, (folder_path, mpp) in enumerate(zip(cfg.aux, aux_mpp, strict=True), start=1):
-        datasets.append(DomainDataset(find_pairs(folder_path), i, mpp=mpp, target_mpp=cfg.mpp))
+        datasets.append(DomainDataset(find_pairs(folder_path), i, mpp=mpp, target_mpp=scale))
     sampler = MultiDomainSampler(
         datasets, cfg.batch_size, cfg.primary_share, seed=cfg.seed + 7919 * rank,
         crop_size=model_cfg.image_size, augment=cfg.augment,
@@ -359,7 +365,7 @@ def train(
             if model_cfg.backbone in RANDOM_BACKBONES:
                 atomic_torch_save(model.sam_state_dict(), work / base_sam.name)
             write_config(work, model_cfg, cfg, _base_checkpoint_record(model_cfg, cfg.checkpoint),
-                         cfg.mpp, data={**report.summary(), "validation": [p.stem for p in val_pairs],
+                         scale, data={**report.summary(), "validation": [p.stem for p in val_pairs],
                                         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
             write_thresholds(work, thresholds)
         except BaseException:
@@ -430,7 +436,8 @@ def train(
                 is_best = False
                 if is_main and val_items and (epoch % cfg.val_every == 0 or step == total_steps):
                     validated, val = yield from _until_cancelled(
-                        _iter_validate(model, model_cfg, thresholds, val_items, device, cfg.mpp),
+                        _iter_validate(model, model_cfg, thresholds, val_items, device, scale,
+                                       cfg.mpp),
                         cancel)
                     if not validated:
                         # Cancelled while validating: this epoch goes unscored, but its
@@ -481,7 +488,8 @@ def train(
     elif is_main and cfg.tune_thresholds and val_items:
         yield {"stage": "setup", "message": "choosing post-processing thresholds on validation images"}
         tuned, result = yield from _until_cancelled(
-            _tune_thresholds(model, model_cfg, thresholds, val_items, device, cfg.mpp, out), cancel)
+            _tune_thresholds(model, model_cfg, thresholds, val_items, device, scale, cfg.mpp, out),
+            cancel)
         if tuned:
             write_thresholds(out, result[0])
             yield {"stage": "thresholds", "thresholds": result[0].to_dict(), "metrics": result[1]}
