@@ -180,7 +180,7 @@ def main() -> int:
              f"minus {len(HELD_OUT)} held-out images + TNBC (auxiliary), CPU; seeds {args.seeds} "
              "(mean±std over seeds of the mean over images)", ""]
     header = f"| {'dataset':<16} | {'method':<12} | " + " | ".join(f"{k:>11}" for k in KEYS) + " |"
-    lines += [header, "|" + "|".join("-" * (len(c) + 2) for c in header.strip("|").split("|")[:-1]) + "|"]
+    lines += [header, "|" + "|".join("-" * len(c) for c in header.strip("|").split("|")) + "|"]
     for name in datasets:
         for method in scores:
             per_seed = scores[method][name]
