@@ -6,10 +6,15 @@ Figures (printed, side by side in one run; nothing is asserted):
    Dask nanny and worker) of ``napari-amasam segment SLIDE --model classical --out D`` on
    synthetic slides of ``--sizes`` pixels a side (default 10240 and 20480), and its growth
    from the smallest to the largest. Targets: < 2.5 GB, growth <= 30 %.
-2. **Seams.** A mosaic of the bundled real MoNuSeg tiles (512 px, 0.25 µm/px) as a pyramidal
-   TIFF, segmented by the slide path (384 px regions, so region borders cross nuclei and
-   tile seams) vs each tile alone vs the whole mosaic in one call; AJI against the
-   ground-truth label mosaic. Target: slide path within 0.01 AJI of per-tile.
+2. **Seams.** Whole real MoNuSeg images (1000 px, 0.25 µm/px; the shared copy, else the
+   bundled 512 px tiles) as pyramidal TIFFs, segmented by the slide path in 256 px regions
+   (region borders cross real nuclei) vs each image alone in one call; AJI against ground
+   truth. Target: slide path within 0.01 AJI of the image alone. A third run gives every
+   region a window holding the whole image, which isolates what stitching (ownership by
+   centroid, overlap settling) costs from what a smaller window changes in the segmenter.
+   (An earlier version joined tiles of six patients into one mosaic: the joins between
+   unrelated images, and the classical baseline's per-window threshold over them, made
+   "slide vs per-tile" measure the mosaic rather than the seams.)
 3. **Throughput** in seconds per mm² of tissue (the area left after tissue detection) at
    the model's resolution, and the share of the slide skipped as glass, for the classical
    baseline and (``--model DIR``) a trained tiny model.
@@ -21,7 +26,8 @@ slide in memory.
 Usage::
 
     PYTHONPATH=src python benchmarks/bench_slide.py --work /tmp/bench_slide \\
-        [--sizes 10240 20480] [--model TINY_MODEL_DIR] [--skip-memory]
+        [--sizes 10240 20480] [--model TINY_MODEL_DIR] [--skip-memory] [--skip-seams]
+        [--seam-images 4] [--seam-images-model 2]
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from tests.slide_data import MONUSEG_MPP, monuseg_mosaic, monuseg_tiles  # noqa: E402
+from tests.slide_data import MONUSEG_MPP, monuseg_tiles  # noqa: E402
 
 SOURCE = 512  # side of the real tiles
 
@@ -130,7 +136,11 @@ def _tree_rss(process) -> int:
     import psutil
 
     total = 0
-    for p in [process] + process.children(recursive=True):
+    try:
+        tree = [process] + process.children(recursive=True)
+    except psutil.Error:  # the run ended between two polls
+        return 0
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:
@@ -195,51 +205,88 @@ def memory_and_throughput(work: Path, sizes: list[int], workers: int) -> list[di
 
 
 # ----------------------------------------------------------------------------- seams
-def seams(work: Path, model: str, rows: int = 2, cols: int = 3) -> dict:
+SHARED_MONUSEG = Path("/work/shared/data/monuseg/train")
+
+
+def real_images(n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, RGB image, labels) of ``n`` whole real MoNuSeg images (1000 px, 40x).
+
+    The shared copy of the 30 training images when present, else the bundled 512 px tiles.
+    """
+    import imageio.v3 as iio
+
+    images = sorted((SHARED_MONUSEG / "images").glob("*.png")) if SHARED_MONUSEG.is_dir() else []
+    if not images:
+        return [(f"bundled_{i}", image, labels) for i, (image, labels)
+                in enumerate(monuseg_tiles(n))]
+    out = []
+    for path in images[:n]:
+        labels = tifffile.imread(SHARED_MONUSEG / "labels" / f"{path.stem}.tif")
+        out.append((path.stem, np.ascontiguousarray(iio.imread(path)[..., :3]),
+                    labels.astype(np.int32)))
+    return out
+
+
+def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict:
+    """Region borders on real images: the slide path vs the same image segmented alone.
+
+    Each real image is written as a pyramidal TIFF and segmented three ways by one
+    predictor: (a) the image alone in one call (the reference); (b) the slide path with
+    ``region_size`` regions and the default halo, so region borders cross real nuclei, as
+    on a slide (no artificial joins between unrelated images); (c) the same regions with a
+    halo covering the whole image, so every region's window holds exactly the pixels of (a)
+    and only the region borders, ownership and overlap settling differ: (c) - (a) is what
+    the stitching itself costs, (b) - (c) what a smaller window changes in the segmenter's
+    own output (the classical baseline's Otsu threshold is computed per window).
+    """
     from napari_amasam.inference.predictor import Predictor
     from napari_amasam.metrics import evaluate_pair
     from napari_amasam.slide.pipeline import segment_slide
+    from napari_amasam.slide.worker import DEFAULT_HALO
     from tests.slide_data import write_pyramidal_tiff
 
-    image, gt, tiles = monuseg_mosaic(rows, cols)
-    path = write_pyramidal_tiff(work / f"mosaic_{rows}x{cols}.tif", image, MONUSEG_MPP)
+    name = "classical" if model == "classical" else "tiny"
     predictor = Predictor.classical() if model == "classical" else Predictor.from_folder(
         model, device="cpu")
-    per_tile = np.zeros_like(gt)
-    offset = 0
-    t0 = time.perf_counter()
-    for i, (tile_image, _) in enumerate(tiles):
-        r, c = divmod(i, cols)
-        labels = predictor.segment(tile_image, input_mpp=MONUSEG_MPP)
-        window = (slice(r * SOURCE, (r + 1) * SOURCE), slice(c * SOURCE, (c + 1) * SOURCE))
-        per_tile[window] = np.where(labels > 0, labels + offset, 0)
-        offset += int(labels.max())
-    t_tile = time.perf_counter() - t0
-    whole = predictor.segment(image, input_mpp=MONUSEG_MPP)
-    name = "classical" if model == "classical" else "tiny"
-    result = segment_slide(path, model, work / f"mosaic_out_{name}", region_size=384,
-                           scheduler="serial", tissue=False, device="cpu")
-    slide_labels = tifffile.imread(result.labels_path).astype(np.int32)
-    # The same path with one region holding the whole mosaic: no region borders at all, so
-    # the difference to the 384 px run is what region seams cost, context effects aside.
-    single = segment_slide(path, model, work / f"mosaic_out_{name}_one", region_size=2048,
-                           scheduler="serial", tissue=False, device="cpu")
-    one_region = evaluate_pair(gt, tifffile.imread(single.labels_path).astype(np.int32))["aji"]
-    figures = {
-        "one_region": one_region,
-        "per_tile": evaluate_pair(gt, per_tile)["aji"],
-        "whole_image": evaluate_pair(gt, whole)["aji"],
-        "slide_path": evaluate_pair(gt, slide_labels)["aji"],
-        "slide_seconds": result.seconds, "per_tile_seconds": t_tile,
-        "mm2": result.tissue_mm2,
-    }
-    print(f"  {name}: AJI per-tile {figures['per_tile']:.4f}, whole mosaic "
-          f"{figures['whole_image']:.4f}, slide path (384 px regions) {figures['slide_path']:.4f}"
-          f" (slide - per-tile {figures['slide_path'] - figures['per_tile']:+.4f}), slide path "
-          f"one region {one_region:.4f} (384 px regions - one region "
-          f"{figures['slide_path'] - one_region:+.4f}); slide path "
-          f"{result.seconds:.1f} s for {result.tissue_mm2:.3f} mm² = "
-          f"{result.seconds / result.tissue_mm2:.0f} s/mm²", flush=True)
+    rows = []
+    seconds = {"alone": 0.0, "slide": 0.0}
+    for stem, image, gt in real_images(n_images):
+        path = work / f"real_{stem}.tif"
+        if not path.exists():
+            write_pyramidal_tiff(path, image, MONUSEG_MPP)
+        t0 = time.perf_counter()
+        alone = predictor.segment(image, input_mpp=MONUSEG_MPP)
+        seconds["alone"] += time.perf_counter() - t0
+        runs = {}
+        for kind, halo in (("slide", DEFAULT_HALO), ("whole_window", max(image.shape))):
+            result = segment_slide(path, model, work / f"real_out_{name}_{kind}",
+                                   region_size=region_size, halo=halo, scheduler="serial",
+                                   tissue=False, device="cpu")
+            if kind == "slide":
+                seconds["slide"] += result.seconds
+            runs[kind] = tifffile.imread(result.labels_path).astype(np.int32)
+        row = {"image": stem, "alone": evaluate_pair(gt, alone)["aji"],
+               "slide": evaluate_pair(gt, runs["slide"])["aji"],
+               "whole_window": evaluate_pair(gt, runs["whole_window"])["aji"],
+               "slide_vs_alone_agreement": evaluate_pair(alone, runs["slide"])["aji"],
+               "whole_window_identical": bool(
+                   evaluate_pair(alone, runs["whole_window"])["aji"] == 1.0)}
+        rows.append(row)
+        print(f"    {stem}: alone {row['alone']:.4f}, slide {row['slide']:.4f} "
+              f"({row['slide'] - row['alone']:+.4f}), slide with whole-image windows "
+              f"{row['whole_window']:.4f} ({row['whole_window'] - row['alone']:+.4f})",
+              flush=True)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in
+            ("alone", "slide", "whole_window", "slide_vs_alone_agreement")}
+    figures = {"images": rows, "mean": mean, "region_size": region_size,
+               "identical_with_whole_windows": sum(r["whole_window_identical"] for r in rows),
+               "seconds": seconds}
+    print(f"  {name}, {len(rows)} real images, {region_size} px regions: mean AJI alone "
+          f"{mean['alone']:.4f}, slide path {mean['slide']:.4f} "
+          f"({mean['slide'] - mean['alone']:+.4f}), slide path with whole-image windows "
+          f"{mean['whole_window']:.4f} ({mean['whole_window'] - mean['alone']:+.4f}; labels "
+          f"identical to alone on {figures['identical_with_whole_windows']}/{len(rows)}); "
+          f"slide vs alone agreement AJI {mean['slide_vs_alone_agreement']:.4f}", flush=True)
     return figures
 
 
@@ -251,15 +298,22 @@ def main() -> int:
     parser.add_argument("--model", help="trained model folder (e.g. tiny) for seams/throughput")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-seams", action="store_true")
+    parser.add_argument("--seam-images", type=int, default=4,
+                        help="real images for the seams figure (classical; 0 = skip)")
+    parser.add_argument("--seam-images-model", type=int, default=2,
+                        help="real images for the seams figure (--model)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"cpu_count": os.cpu_count()}
     if not args.skip_seams:
-        print("seams: 2 x 3 mosaic of real MoNuSeg tiles (1024 x 1536 px, 0.25 µm/px)")
-        report["seams"] = {"classical": seams(work, "classical")}
-        if args.model:
-            report["seams"]["tiny"] = seams(work, args.model)
+        print("seams: whole real MoNuSeg images (0.25 µm/px) segmented alone vs by the slide "
+              "path")
+        report["seams"] = {}
+        if args.seam_images > 0:
+            report["seams"]["classical"] = seams(work, "classical", args.seam_images)
+        if args.model and args.seam_images_model > 0:
+            report["seams"]["tiny"] = seams(work, args.model, args.seam_images_model)
     if not args.skip_memory:
         print(f"memory and throughput: synthetic slides, classical, {args.workers} local worker(s)")
         rows = memory_and_throughput(work, sorted(args.sizes), args.workers)

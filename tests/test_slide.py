@@ -138,7 +138,8 @@ def test_mosaic_segmentation_matches_per_tile_and_ground_truth(mosaic, mosaic_ru
     # Progress: one record per region, nuclei counts increasing to the total.
     regions = [r for r in records if r["stage"] == "region"]
     assert [r["done"] for r in regions] == list(range(1, 10))
-    assert regions[-1]["nuclei"] == result.nuclei
+    # (settling the overlaps afterwards drops the second version of a few border nuclei)
+    assert regions[-1]["nuclei"] >= result.nuclei > 0.98 * regions[-1]["nuclei"]
 
 
 def test_nuclei_on_region_borders_appear_once(mosaic_run):
@@ -160,8 +161,32 @@ def test_nuclei_on_region_borders_appear_once(mosaic_run):
         left, right = labels[:, border - 1], labels[:, border]
         straddling += len(set(left[left > 0]) & set(right[right > 0]))
     assert straddling > 5
-    # Nearly all ids of the GeoJSON are in the TIFF (overlaps resolved by first come).
-    assert len(np.unique(labels)) - 1 >= 0.98 * result.nuclei
+    # One ownership rule for all outputs: the TIFF, the GeoJSON and the CSV hold the same ids.
+    import csv
+
+    csv_ids = {int(row["label"]) for row in csv.DictReader(open(result.csv_path))}
+    assert set(np.unique(labels)) - {0} == set(ids) == csv_ids
+
+
+def test_region_borders_cost_nothing_when_windows_see_the_same_pixels(strip, tmp_path):
+    """A halo covering the whole strip gives every region the same window: the slide path
+    must then give exactly the strip segmented in one call, nucleus for nucleus and pixel
+    for pixel, though its 384 px region borders cut through many nuclei."""
+    from napari_amasam.inference.predictor import Predictor
+
+    path, image = strip
+    result = _run(path, "classical", tmp_path / "out", region_size=384, halo=1024,
+                  scheduler="serial", tissue=False)
+    labels = tifffile.imread(result.labels_path).astype(np.int64)
+    alone = Predictor.classical().segment(image).astype(np.int64)
+    assert ((labels > 0) == (alone > 0)).all()
+    # One-to-one ids: as many distinct (slide id, alone id) pairs as ids on either side.
+    fg = alone > 0
+    pairs = np.unique(labels[fg] * (int(alone.max()) + 1) + alone[fg])
+    assert len(pairs) == len(np.unique(alone[fg])) == len(np.unique(labels[fg])) == result.nuclei
+    straddling = sum(len(set(labels[:, b - 1][labels[:, b - 1] > 0]) &
+                         set(labels[:, b][labels[:, b] > 0])) for b in (384, 768))
+    assert straddling > 5
 
 
 def test_outputs_pyramid_geojson_csv(mosaic_run):

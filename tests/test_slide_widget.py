@@ -56,6 +56,9 @@ def test_shapes_region_gives_aligned_multiscale_labels(slide_viewer, tmp_path):
     assert rows.min() > 100 - 40 and rows.max() < 400 + 40
     assert cols.min() > 600 - 40 and cols.max() < 900 + 40
     assert "nuclei" in widget.status.text()
+    # The job's end (common.end_job): progress closed, Run back on, Cancel off.
+    assert widget._progress is None
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
 def test_field_of_view_is_what_gets_segmented(slide_viewer, tmp_path):

@@ -80,6 +80,63 @@ def test_cancel_stops_and_saves_a_loadable_model(tmp_path):
     assert model(torch.zeros(1, 3, 128, 128)).fine_logits.shape[-1] == 128
 
 
+def _cancel_at_first(records_of, task):
+    """Drain a training generator, setting its cancel event at the first ``progress``
+    record of ``task``; returns (all records, index just after that record)."""
+    generator, cancel = records_of
+    seen, at = [], None
+    for record in generator:
+        seen.append(record)
+        if at is None and record["stage"] == "progress" and record["task"] == task:
+            cancel.set()
+            at = len(seen)
+    assert at is not None, f"no {task} progress record"
+    return seen, at
+
+
+def test_cancel_during_validation_stops_there_and_resumes_without_lost_steps(tmp_path):
+    """Cancel waits for one batch of validation tiles, not the whole validation; the steps
+    done are saved and a resumed run continues after them."""
+    from napari_amasam.training.trainer import resume_config
+
+    cancel = threading.Event()
+    cfg = _cfg(tmp_path, epochs=3, steps_per_epoch=2, val_fraction=0.5)
+    seen, at = _cancel_at_first((train(cfg, tiny_model_config(), cancel=cancel), cancel),
+                                "validation")
+    # Nothing more was computed: no further tiles, no scores, no training step.
+    assert [r["stage"] for r in seen[at:]] == ["save", "done"]
+    done = seen[-1]
+    assert done["cancelled"] and done["step"] == 2
+    out = tmp_path / "model"
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert read_model_folder(out).has_weights
+    _, records = run_training(resume_config(out), tiny_model_config(), resume=True)
+    assert [r["step"] for r in records if r["stage"] == "train"] == [3, 4, 5, 6]
+    assert [r["epoch"] for r in read_history(out)] == ["1", "2", "3"]
+    assert records[-1]["stage"] == "done" and not records[-1]["cancelled"]
+    assert any(r["stage"] == "thresholds" for r in records)
+
+
+def test_cancel_during_threshold_search_keeps_the_model_and_resume_finishes_it(tmp_path):
+    from napari_amasam.config import PostprocessConfig
+    from napari_amasam.training.trainer import resume_config
+
+    cancel = threading.Event()
+    cfg = _cfg(tmp_path, epochs=1, steps_per_epoch=2, val_fraction=0.5)
+    seen, at = _cancel_at_first((train(cfg, tiny_model_config(), cancel=cancel), cancel),
+                                "thresholds")
+    assert [r["stage"] for r in seen[at:]] == ["done"]
+    assert seen[-1]["cancelled"] and seen[-1]["step"] == 2
+    out = tmp_path / "model"
+    folder = read_model_folder(out)
+    assert folder.has_weights and folder.thresholds == PostprocessConfig()  # not half-tuned
+    _, records = run_training(resume_config(out), tiny_model_config(), resume=True)
+    assert not [r for r in records if r["stage"] == "train"]  # every step was kept
+    tuned = [r for r in records if r["stage"] == "thresholds"]
+    assert len(tuned) == 1 and not records[-1]["cancelled"]
+    assert read_model_folder(out).thresholds.to_dict() == tuned[0]["thresholds"]
+
+
 def test_stopping_iteration_still_saves(tmp_path):
     gen = train(_cfg(tmp_path, epochs=5, steps_per_epoch=4), tiny_model_config())
     for record in gen:
@@ -205,6 +262,10 @@ def test_threshold_tuning_finds_better_settings_than_the_defaults():
 
         def predict_maps(self, image, input_mpp=None):
             return Maps(noisy[0], noisy[1], noisy[2], 1.0)
+
+        def iter_predict_maps(self, image, input_mpp=None):  # as Predictor's: tiles, then maps
+            yield {"stage": "tile", "done": 1, "total": 1}
+            return self.predict_maps(image, input_mpp)
 
     fake = FakePredictor()
     best, scores = optimize_thresholds(fake, [(np.zeros((200, 200, 3), np.uint8), gt)])

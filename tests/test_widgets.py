@@ -156,6 +156,7 @@ def test_train_widget_checks_folders(make_napari_viewer, primary_folder, tmp_pat
 
 def test_train_widget_runs_and_cancel_saves_a_loadable_model(
         make_napari_viewer, primary_folder, tmp_path):
+    from napari_amasam.config import train_defaults
     from napari_amasam.inference.predictor import Predictor
 
     viewer = make_napari_viewer()
@@ -194,10 +195,87 @@ def test_train_widget_runs_and_cancel_saves_a_loadable_model(
     # The saved model loads and is offered in the Segment widget.
     predictor = Predictor.from_folder(out, device="cpu")
     assert predictor.model_config.image_size == 128
-    assert predictor.mpp == 0.25  # the pixel size entered in the form travels with the model
+    # The pixel size entered in the form travels with the model, as the working scale of the
+    # backbone's defaults when it has one (tiny: 0.5 µm/px, as the CLI trains it).
+    assert predictor.mpp == (train_defaults("tiny")["model_mpp"] or 0.25)
     assert segment.model.findText(str(out)) >= 0
     assert segment.model_name() == str(out)
     assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()
+
+
+def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
+    """The form shows config.train_defaults(backbone), the CLI's defaults, for every backbone
+    (tiny_conv included) and switches them when the backbone changes; hidden settings too."""
+    from napari_amasam.config import BACKBONES, RANDOM_BACKBONES, train_defaults
+
+    train = _dock(make_napari_viewer(), "Train")
+    offered = [train.backbone.itemText(i) for i in range(train.backbone.count())]
+    assert offered == list(BACKBONES) and "tiny_conv" in offered
+    train.primary.setText("p")
+    train.output.setText("o")
+    # Back and forth between a random CPU backbone and a SAM ViT, whose defaults differ.
+    for backbone in ("vit_b", "tiny_conv", "vit_h", "tiny", "vit_l", "tiny_conv"):
+        train.backbone.setCurrentText(backbone)
+        defaults = train_defaults(backbone)
+        shown = {"image_size": train.image_size.value(), "lr": train.lr.value(),
+                 "epochs": train.epochs.value(), "batch_size": train.batch_size.value(),
+                 "steps_per_epoch": train.steps_per_epoch.value()}
+        assert shown == pytest.approx({k: defaults[k] for k in shown}), backbone
+        assert train.train_encoder.isChecked() == (backbone in RANDOM_BACKBONES)
+        assert train.checkpoint.isEnabled() == (backbone not in RANDOM_BACKBONES)
+        train_cfg, model_cfg = train.configs()
+        assert model_cfg.backbone == backbone
+        assert model_cfg.image_size == defaults["image_size"]
+        assert model_cfg.lambda_max == defaults["lambda_max"]
+        for key in ("epochs", "steps_per_epoch", "batch_size", "lr", "lr_gamma",
+                    "primary_share", "val_fraction"):
+            assert getattr(train_cfg, key) == pytest.approx(defaults[key]), (backbone, key)
+        assert train_cfg.model_mpp == defaults["model_mpp"], backbone
+    # A value the user edits is used as given.
+    train.epochs.setValue(3)
+    assert train.configs()[0].epochs == 3
+
+
+def test_train_widget_cancel_during_validation_is_prompt_and_resumable(
+        make_napari_viewer, primary_folder, tmp_path):
+    """Defect 8 (cancel waited for a whole step, validation and threshold search included):
+    Cancel while validating stops after that batch of tiles, saves every step done, and the
+    folder resumes to a finished model."""
+    from napari_amasam.training.trainer import resume_config
+
+    train = _dock(make_napari_viewer(), "Train")
+    out = tmp_path / "model"
+    train.primary.setText(str(primary_folder))
+    train.backbone.setCurrentText("tiny")
+    train.model_options = TINY
+    train.image_size.setValue(128)
+    train.epochs.setValue(2)
+    train.steps_per_epoch.setValue(2)
+    train.batch_size.setValue(2)
+    train.device.setCurrentText("cpu")
+    train.output.setText(str(out))
+    records, cancelled_at = [], []
+
+    def on_record(record):
+        records.append(record)
+        if record["stage"] == "progress" and not cancelled_at:
+            assert record["task"] == "validation" and "validating" in train.status.text()
+            train.cancel()
+            cancelled_at.append(len(records))
+
+    train.record_received.connect(on_record)
+    assert train.start() is not None and train.last_error is None, train.status.text()
+    assert cancelled_at and [r["stage"] for r in records[cancelled_at[0]:]] == ["save", "done"]
+    assert records[-1]["cancelled"] and records[-1]["step"] == 2
+    assert "cancelled at step 2" in train.status.text()
+    assert train.start_button.isEnabled() and not train.cancel_button.isEnabled()
+    # Resumed through the same worker path: the two remaining steps, then a finished model.
+    records.clear()
+    cancelled_at.append("no more cancels")
+    train.run_training(resume_config(out), resume=True)
+    assert [r["step"] for r in records if r["stage"] == "train"] == [3, 4]
+    assert records[-1]["stage"] == "done" and not records[-1]["cancelled"]
+    assert "finished at step 4" in train.status.text()
 
 
 def test_train_widget_reports_bad_settings(make_napari_viewer, tmp_path):
@@ -242,6 +320,11 @@ def test_segment_classical_writes_labels_with_features_and_exports(make_napari_v
     assert len(csv_lines) == len(ids) + 1
     assert segment.export(tmp_path / "out.xyz") is None and ".xyz" in str(segment.last_error)
 
+    # Labels in the smallest unsigned dtype that holds the ids (~100 nuclei: uint8).
+    assert layer.data.dtype == (np.uint8 if ids.max() <= 255 else np.uint16)
+    # The job's end (common.end_job): progress closed, Run back on, Cancel off.
+    assert segment._progress is None
+    assert segment.run_button.isEnabled() and not segment.cancel_button.isEnabled()
     # A second run updates the same layer instead of adding another one.
     n_layers = len(viewer.layers)
     segment.run()
@@ -712,13 +795,13 @@ def test_smaller_items(make_napari_viewer, tmp_path, monkeypatch):
         layer = viewer.add_image(tifffile.imread(path), name="tagged", rgb=True)
     segment.image_layer.setCurrentText(layer.name)
     assert segment.pixel_size.value() == pytest.approx(0.5)
-    # Train defaults on a CPU without a checkpoint: the tiny encoder, trained, as make demo.
-    assert train.backbone.currentText() == "tiny"
+    # Train defaults on a CPU without a checkpoint: the tiny_conv encoder, trained, as make demo.
+    assert train.backbone.currentText() == "tiny_conv"
     assert train.train_encoder.isChecked() and train.image_size.value() == 256
     assert train.lr.value() == pytest.approx(1e-3)
     train_cfg, model_cfg = (train.primary.setText("p"), train.output.setText("o"),
                             train.configs())[-1]
-    assert model_cfg.trainable_backbone and model_cfg.backbone == "tiny"
+    assert model_cfg.trainable_backbone and model_cfg.backbone == "tiny_conv"
 
 
 def test_samples_open_side_by_side(make_napari_viewer):
@@ -799,6 +882,60 @@ def test_prompt_segments_one_nucleus_undoably(make_napari_viewer, tiny_model):
     segment.model.setCurrentText("classical")
     assert segment.prompts.segment_prompt() is None
     assert "trained model" in str(segment.last_error)
+
+
+def test_nuclei_layers_use_the_smallest_dtype_that_holds_their_ids(make_napari_viewer):
+    """uint8 up to 255 nuclei, uint16 up to 65,535, then uint32: never int32 for 100 nuclei,
+    never a wrapped id."""
+    import pandas as pd
+
+    from napari_amasam._widgets._nuclei_layer import write_nuclei_layer
+
+    viewer = make_napari_viewer()
+    image_layer = viewer.add_image(np.zeros((300, 300, 3), np.uint8), name="img", rgb=True)
+    no_features = pd.DataFrame({"index": np.zeros(0, int), "label": np.zeros(0, int)})
+    for max_id, dtype in ((200, np.uint8), (300, np.uint16), (70000, np.uint32)):
+        labels = (np.arange(300 * 300, dtype=np.int64).reshape(300, 300) % max_id) + 1
+        layer, _ = write_nuclei_layer(viewer, image_layer, labels, no_features, "test")
+        assert layer.data.dtype == dtype, max_id
+        assert np.asarray(layer.data).max() == max_id  # nothing wrapped
+        np.testing.assert_array_equal(np.asarray(layer.data), labels)
+    # Painting a new nucleus (M) at 255 nuclei in a uint8 layer: napari alone refuses id
+    # 256; the layer's own binding widens it.
+    full = np.arange(300 * 300).reshape(300, 300) % 255 + 1
+    layer, _ = write_nuclei_layer(viewer, image_layer, full, no_features, "test")
+    assert layer.data.dtype == np.uint8
+    (key_action,) = [action for key, action in layer.keymap.items() if str(key) == "M"]
+    key_action(layer)
+    assert layer.data.dtype == np.uint16 and layer.selected_label == 256
+    np.testing.assert_array_equal(np.asarray(layer.data), full)
+
+
+@pytest.mark.parametrize("top_id, widened", [(255, np.uint16), (65535, np.uint32)])
+def test_a_prompt_past_the_dtype_widens_the_layer(make_napari_viewer, tiny_model, top_id,
+                                                   widened):
+    """A prompt's new id (max + 1) that no longer fits in the layer's dtype widens it
+    instead of wrapping to 0; undo still restores the layer's values."""
+    viewer = make_napari_viewer()
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setCurrentText(str(tiny_model))
+    segment.device.setCurrentText("cpu")
+    segment.foreground.setValue(0.0)
+    segment.run()
+    layer = viewer.layers["breast nuclei"]
+    before = np.asarray(layer.data).astype(np.int64)
+    before[0, 0] = top_id  # a nucleus with the largest id the dtype holds
+    layer.data = before.astype(np.uint8 if top_id == 255 else np.uint16)
+    _, boxes = segment.prompts.add_prompt_layers()
+    boxes.add_rectangles(np.array([[40, 40], [70, 70]]))
+    commit = segment.prompts.last_commit
+    assert commit is not None and commit["id"] == top_id + 1, segment.status.text()
+    assert layer.data.dtype == widened
+    assert (np.asarray(layer.data) == top_id + 1).sum() == commit["area"] > 0
+    assert np.asarray(layer.data)[0, 0] == top_id
+    layer.undo()
+    np.testing.assert_array_equal(np.asarray(layer.data), before)
 
 
 def test_empty_auxiliary_folder_error_names_that_folder(make_napari_viewer, primary_folder,

@@ -1,4 +1,5 @@
-"""Checks shared by everything that takes an instance label map (metrics, export)."""
+"""Instance label maps: the checks shared by everything that takes one (metrics, export) and
+the dtype they are stored in."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def check_label_map(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
         raise ValueError(f"{name} has negative ids (min {arr.min()}); 0 must be background")
     return arr
+
+
+#: Unsigned dtypes a label map is stored in, smallest first (uint32 at most: 4 billion
+#: nuclei is beyond any slide, and uint64 TIFFs do not open in ImageJ/QuPath).
+LABEL_DTYPES = (np.uint8, np.uint16, np.uint32)
+
+
+def smallest_label_dtype(max_label: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ids ``0..max_label``: uint8 up to 255 nuclei,
+    uint16 up to 65,535, else uint32.
+
+    A 2048 px tile with 1,500 nuclei takes 8 MB in uint16 instead of 16 MB in int32, in
+    napari's layer as in a TIFF.
+    """
+    for dtype in LABEL_DTYPES:
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"label id {max_label} does not fit in uint32")
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` (non-negative integer ids) in :func:`smallest_label_dtype` of its largest
+    id; the array itself when it already has that dtype."""
+    arr = np.asarray(labels)
+    dtype = smallest_label_dtype(int(arr.max()) if arr.size else 0)
+    return arr if arr.dtype == dtype else arr.astype(dtype)

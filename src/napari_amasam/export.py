@@ -40,7 +40,7 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.measure import points_in_poly, regionprops
 
-from ._labels import check_label_map
+from ._labels import check_label_map, smallest_label_dtype
 from .atomic import atomic_write
 from .qupath_import import IMAGE_SHAPE_KEY
 
@@ -81,14 +81,6 @@ def _grey(image: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None
     if arr.ndim == 2:
         return arr.astype(np.float64)
     raise ValueError(f"image must be (H, W) or (H, W, 3), got shape {arr.shape}")
-
-
-def smallest_label_dtype(max_label: int) -> np.dtype:
-    """Smallest unsigned dtype holding ``max_label``: uint8, uint16 or uint32."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_label <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise ValueError(f"label id {max_label} does not fit in uint32")
 
 
 # ----------------------------------------------------------------------------- TIFF

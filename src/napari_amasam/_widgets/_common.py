@@ -140,3 +140,15 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def end_job(widget: QWidget, run_button: QPushButton) -> None:
+    """What every widget does when its job ends (done, failed or cancelled): close the
+    progress bar in ``widget._progress``, enable ``run_button``, disable
+    ``widget.cancel_button``."""
+    progress = getattr(widget, "_progress", None)
+    if progress is not None:
+        progress.close()
+    widget._progress = None
+    run_button.setEnabled(True)
+    widget.cancel_button.setEnabled(False)

@@ -61,11 +61,15 @@ def free_name(viewer, name: str) -> str:
 
 def write_nuclei_layer(viewer, image_layer, labels: np.ndarray, features: Any,
                        model: str, target=None):
-    """Put ``labels`` into ``target`` (default ``<image> nuclei``) or a new layer.
+    """Put ``labels`` into ``target`` (default ``<image> nuclei``) or a new layer, in the
+    smallest unsigned dtype that holds its ids (``_labels.smallest_label_dtype``).
 
     Returns ``(layer, kept)``: ``kept`` is the edited layer that was left alone (None when
     the target was updated in place or did not exist).
     """
+    from .._labels import compact_labels
+
+    labels = compact_labels(labels)  # a no-op for a worker's result (compacted there)
     name = f"{image_layer.name} nuclei"
     if target is None and name in viewer.layers:
         target = viewer.layers[name]
@@ -88,4 +92,25 @@ def write_nuclei_layer(viewer, image_layer, labels: np.ndarray, features: Any,
     layer.metadata["model"] = model
     layer.metadata["source_image"] = image_layer.name
     layer.metadata[DIGEST_KEY] = labels_digest(labels)
+    # Painting a new nucleus (M: max id + 1) must work at 255 nuclei in a uint8 layer too.
+    layer.bind_key("m", new_label, overwrite=True)
     return layer, kept
+
+
+def make_room_for(layer, new_id: int) -> None:
+    """Widen ``layer``'s dtype if ``new_id`` does not fit in it (napari would wrap id 256
+    of a uint8 layer to 0). The values, and the undo history of earlier edits, stay."""
+    from .._labels import smallest_label_dtype
+
+    dtype = np.asarray(layer.data).dtype
+    if np.issubdtype(dtype, np.integer) and new_id <= np.iinfo(dtype).max:
+        return
+    layer.data = np.asarray(layer.data).astype(smallest_label_dtype(new_id))
+
+
+def new_label(layer) -> None:
+    """napari's "new label" key (M) for a nuclei layer: select the largest id + 1, widening
+    the layer's dtype first when that id does not fit (napari itself refuses it)."""
+    new_id = int(np.max(np.asarray(layer.data))) + 1
+    make_room_for(layer, new_id)
+    layer.selected_label = new_id

@@ -17,7 +17,7 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QPushButton
 
 from ._layout import Section, tip
-from ._nuclei_layer import write_nuclei_layer
+from ._nuclei_layer import make_room_for, write_nuclei_layer
 
 if TYPE_CHECKING:
     from ._segment import SegmentWidget
@@ -185,7 +185,7 @@ class PromptSection(Section):
         self._session, self._session_key = session, key
         layer = owner.labels_layer()
         if layer is None:  # prompts on an image not segmented yet: start an empty layer
-            empty = np.zeros(image_layer.data.shape[:2], np.int32)
+            empty = np.zeros(image_layer.data.shape[:2], np.uint8)
             layer, _ = write_nuclei_layer(owner.viewer, image_layer, empty,
                                           _empty_features(), owner.model_name())
             owner._outputs[image_layer.name] = layer
@@ -201,8 +201,9 @@ class PromptSection(Section):
             if 0 <= r < labels.shape[0] and 0 <= c < labels.shape[1]:
                 replace = int(labels[r, c])
         indices, values, new_id = commit_mask(labels, nucleus, replace)
+        make_room_for(layer, new_id)
         with layer.block_history():  # one undo step
-            layer.data_setitem(indices, values.astype(labels.dtype))
+            layer.data_setitem(indices, values.astype(np.asarray(layer.data).dtype))
         self._current = (layer.name, new_id)
         self.last_commit = {"id": new_id, "replaced": replace, "area": nucleus.area,
                             "encoder_runs": session.encoder_runs}

@@ -24,8 +24,9 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
+from .._labels import compact_labels
 from ._batch import BatchSection
-from ._common import Progress, device_combo, notify, report_error, trained_models
+from ._common import Progress, device_combo, end_job, notify, report_error, trained_models
 from ._export import ask_export_path, export_nuclei
 from ._layout import ScrollableDock, Section, tip
 from ._nuclei_layer import measure_nuclei, write_nuclei_layer
@@ -486,15 +487,11 @@ class SegmentWidget(ScrollableDock):
                                      f"epoch {record['epoch']}/{record['epochs']}")
             self.status.setText(f"fine-tuning step {record['step']}/{record['total_steps']} "
                                 f"loss {record['loss']:.4f}")
-        elif stage in ("setup", "postprocess", "measure", "prompt"):
+        elif stage in ("setup", "progress", "postprocess", "measure", "prompt"):
             self.status.setText(record.get("message", stage))
 
     def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        end_job(self, self.run_button)
         self.prompts.on_job_finished()
 
     def show_error(self, exc: BaseException) -> None:
@@ -522,8 +519,9 @@ def segment_steps(image, name, key, cached, thresholds, input_mpp, model_key, ti
             thresholds=None if predictor.is_classical else thresholds)
         ran = True
     yield {"stage": "measure", "message": "measuring nuclei"}
-    features = measure_nuclei(result.labels, image, name)
-    return Segmentation(key, predictor, model_key, result.labels, result.maps, features, ran)
+    labels = compact_labels(result.labels)  # here, off the UI thread
+    features = measure_nuclei(labels, image, name)
+    return Segmentation(key, predictor, model_key, labels, result.maps, features, ran)
 
 
 def _disconnect(signal, slot) -> None:

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import PathPicker, Progress, device_combo, report_error
+from ._common import PathPicker, Progress, device_combo, end_job, report_error
 from ._workers import Job
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class SlideWidget(QWidget):
         self._layer_name = layer.name
         self.job = Job(generator, on_yielded=self._on_record, on_returned=self._on_result,
                        on_errored=lambda exc: report_error(self, exc),
-                       on_finished=self._on_finished)
+                       on_finished=lambda: end_job(self, self.run_button))
         self.job.start()
 
     def cancel(self) -> None:
@@ -215,12 +215,6 @@ class SlideWidget(QWidget):
         self.status.setText(f"{result.nuclei} nuclei in {result.seconds:.0f}s -> "
                             f"{result.labels_path.parent}")
 
-    def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
 
     def add_labels_layer(self, result):
         """Add the labels TIFF as a lazy multiscale Labels layer aligned with the slide."""

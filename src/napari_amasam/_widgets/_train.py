@@ -19,24 +19,29 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from ._common import PathPicker, Progress, device_combo, notify, report_error, trained_models
+from ..config import BACKBONES, RANDOM_BACKBONES, train_defaults
+from ._common import (
+    PathPicker,
+    Progress,
+    device_combo,
+    end_job,
+    notify,
+    report_error,
+    trained_models,
+)
 from ._layout import ScrollableDock, Section, tip
 from ._plot import TrainingPlot
 from ._settings import bind
 from ._workers import Job
 
-#: Settings of the random tiny encoder that `make demo` trains (resources/demo/run_demo.py):
-#: it has no pretrained weights, so the encoder itself trains, with a larger step size.
-TINY_DEFAULTS = {"image_size": 256, "lr": 1e-3, "train_encoder": True}
-SAM_DEFAULTS = {"image_size": 1024, "lr": 1e-4, "train_encoder": False}
-
-
 def default_backbone() -> str:
-    """``tiny`` on a machine without a CUDA GPU (vit_b at 1024 px takes hours per epoch on
-    a CPU, and no SAM checkpoint is bundled), else ``vit_b``."""
+    """``tiny_conv`` on a machine without a CUDA GPU (the random CPU backbone that learns
+    best, as `make demo` trains it; vit_b at 1024 px takes hours per epoch on a CPU, and no
+    SAM checkpoint is bundled), else ``vit_b``."""
     import torch
 
-    return "vit_b" if torch.cuda.is_available() else "tiny"
+    return "vit_b" if torch.cuda.is_available() else "tiny_conv"
+
 
 if TYPE_CHECKING:
     import napari
@@ -110,15 +115,16 @@ class TrainWidget(ScrollableDock):
 
         model = Section("Model")
         form = model.form
-        self.backbone = tip(QComboBox(), "Encoder: 'tiny' (random weights, trains on a CPU "
-                            "in minutes, as `make demo`) or a SAM ViT (needs its checkpoint "
-                            "and a GPU)")
-        self.backbone.addItems(["tiny", "vit_b", "vit_l", "vit_h"])
+        self.backbone = tip(QComboBox(), "Encoder: 'tiny_conv' or 'tiny' (random weights, "
+                            "train on a CPU in minutes; tiny_conv, as `make demo`, learns "
+                            "better) or a SAM ViT (needs its checkpoint and a GPU). Changing "
+                            "it resets the training settings to its defaults")
+        self.backbone.addItems(list(BACKBONES))
         self.backbone.currentTextChanged.connect(self._backbone_changed)
         self.checkpoint = tip(PathPicker("open", "SAM checkpoint", "PyTorch checkpoint (*.pth *.pt)"),
                               "Official SAM checkpoint of the chosen ViT (sam_vit_b_01ec64.pth, ...)")
         self.train_encoder = tip(QCheckBox("train the encoder too"),
-                                 "Needed for the random tiny encoder; for SAM ViTs only the "
+                                 "Needed for the random tiny encoders; for SAM ViTs only the "
                                  "adapters and decoder train")
         self.mpp = tip(QDoubleSpinBox(), "Microns per pixel of the primary images (40x is "
                        "about 0.25, 20x about 0.5); stored in the model so inference "
@@ -145,7 +151,6 @@ class TrainWidget(ScrollableDock):
         self.alignment.addItems(["cgrl", "grl", "none"])
         self.epochs = tip(QSpinBox(), "Passes over the training data")
         self.epochs.setRange(1, 10000)
-        self.epochs.setValue(30)
         self.steps_per_epoch = tip(QSpinBox(), "Steps per epoch (auto: one pass over the "
                                    "primary data)")
         self.steps_per_epoch.setRange(0, 1000000)
@@ -154,14 +159,11 @@ class TrainWidget(ScrollableDock):
         self.lr.setDecimals(6)
         self.lr.setRange(1e-6, 1.0)
         self.lr.setSingleStep(1e-5)
-        self.lr.setValue(1e-4)
         self.batch_size = tip(QSpinBox(), "Images per training step")
         self.batch_size.setRange(1, 256)
-        self.batch_size.setValue(4)
-        self.image_size = tip(QSpinBox(), "Network input side in pixels (SAM: 1024)")
+        self.image_size = tip(QSpinBox(), "Network input side in pixels (SAM ViTs: 1024)")
         self.image_size.setRange(64, 4096)
         self.image_size.setSingleStep(64)
-        self.image_size.setValue(1024)
         self.device = tip(device_combo(), "Where training runs (auto: CUDA, then MPS, then CPU)")
         form.addRow("Alignment", self.alignment)
         form.addRow("Epochs", self.epochs)
@@ -199,11 +201,16 @@ class TrainWidget(ScrollableDock):
         bind("train", "device", self.device)
 
     def _backbone_changed(self, backbone: str) -> None:
-        self.checkpoint.setEnabled(backbone != "tiny")
-        defaults = TINY_DEFAULTS if backbone == "tiny" else SAM_DEFAULTS
+        """Show ``backbone``'s defaults (config.train_defaults, as the CLI uses them)."""
+        self.checkpoint.setEnabled(backbone not in RANDOM_BACKBONES)
+        defaults = train_defaults(backbone)
         self.image_size.setValue(defaults["image_size"])
         self.lr.setValue(defaults["lr"])
-        self.train_encoder.setChecked(defaults["train_encoder"])
+        self.epochs.setValue(defaults["epochs"])
+        self.steps_per_epoch.setValue(defaults["steps_per_epoch"])
+        self.batch_size.setValue(defaults["batch_size"])
+        # As ModelConfig resolves trainable_backbone=None: random encoders train.
+        self.train_encoder.setChecked(backbone in RANDOM_BACKBONES)
 
     # ------------------------------------------------------------------------ data folders
     def refresh_primary(self) -> bool:
@@ -250,18 +257,23 @@ class TrainWidget(ScrollableDock):
         if not self.output.text():
             raise ConfigError("choose an output folder for the model")
         backbone = self.backbone.currentText()
-        options = {"trainable_backbone": self.train_encoder.isChecked(), **self.model_options}
+        # Settings the form does not show keep the backbone's defaults, as in the CLI.
+        defaults = train_defaults(backbone)
+        options = {"trainable_backbone": self.train_encoder.isChecked(),
+                   "lambda_max": defaults["lambda_max"], **self.model_options}
         model_cfg = ModelConfig(
             backbone=backbone, image_size=self.image_size.value(),
             alignment=self.alignment.currentText(), **options,
         )
-        checkpoint = self.checkpoint.text() or None if backbone != "tiny" else None
+        checkpoint = None if backbone in RANDOM_BACKBONES else self.checkpoint.text() or None
         train_cfg = TrainConfig(
             primary=self.primary.text(), aux=self.aux_folders(), out=self.output.text(),
             checkpoint=checkpoint, epochs=self.epochs.value(),
             steps_per_epoch=self.steps_per_epoch.value(), batch_size=self.batch_size.value(),
-            lr=self.lr.value(), device=self.device.currentText(),
-            mpp=self.mpp.value() or None,
+            lr=self.lr.value(), lr_gamma=defaults["lr_gamma"],
+            primary_share=defaults["primary_share"], val_fraction=defaults["val_fraction"],
+            model_mpp=defaults["model_mpp"],
+            device=self.device.currentText(), mpp=self.mpp.value() or None,
         )
         return train_cfg, model_cfg
 
@@ -279,8 +291,11 @@ class TrainWidget(ScrollableDock):
         except (ConfigError, AmaSamError) as exc:
             self._show_error(exc)
             return None
-        if model_cfg.backbone != "tiny" and not train_cfg.checkpoint:
+        if model_cfg.backbone not in RANDOM_BACKBONES and not train_cfg.checkpoint:
             notify(f"no SAM checkpoint for {model_cfg.backbone}: the encoder gets random weights")
+        if train_cfg.mpp is None and train_cfg.model_mpp is not None:
+            notify(f"microns per pixel unknown: training at the images' own scale, not at the "
+                   f"{train_cfg.model_mpp} µm/px working scale of {model_cfg.backbone}")
         return self.run_training(train_cfg, model_cfg)
 
     def run_training(self, train_cfg, model_cfg=None, resume: bool = False) -> Job:
@@ -301,11 +316,13 @@ class TrainWidget(ScrollableDock):
         return self.job.start()
 
     def cancel(self) -> None:
-        """Stop at the next step; the trainer saves a loadable model first."""
+        """Stop after the current step (or batch of validation tiles); the trainer saves a
+        loadable, resumable model first."""
         if self.job is not None and self.job.running:
             self.job.cancel()
             self.cancel_button.setEnabled(False)
-            self.status.setText("cancelling: finishing the current step, then saving…")
+            self.status.setText("cancelling: finishing the current step (or batch of "
+                                "validation tiles), then saving…")
 
     def _on_record(self, record: dict) -> None:
         stage = record.get("stage")
@@ -325,7 +342,7 @@ class TrainWidget(ScrollableDock):
             m = record.get("metrics", {})
             self.status.setText(f"validation epoch {record['epoch']}: " + "  ".join(
                 f"{k} {m[k]:.3f}" for k in ("dice", "aji", "pq") if k in m))
-        elif stage == "setup":
+        elif stage in ("setup", "progress"):
             self.status.setText(record.get("message", ""))
         elif stage == "done":
             self.last_done = record
@@ -336,11 +353,7 @@ class TrainWidget(ScrollableDock):
         self.record_received.emit(record)
 
     def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.start_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        end_job(self, self.start_button)
         if self.last_done is not None and (Path(self.last_done["model_dir"]) / "weights.pt").is_file():
             folder = self.last_done["model_dir"]
             trained_models().add(folder)

@@ -28,6 +28,8 @@ def add_slide_arguments(parser) -> None:
                             "'serial' = this process)")
     group.add_argument("--workers", type=int, default=1,
                        help="local Dask worker processes (default 1)")
+    group.add_argument("--ome-zarr", action="store_true",
+                       help="also write the labels as <stem>_labels.ome.zarr (OME-Zarr 0.4)")
     group.add_argument("--region-size", type=int, default=None,
                        help="region core side in pixels at the model's resolution (default 2048)")
 
@@ -72,7 +74,7 @@ def segment_slides(args, slides: list[Path], thresholds: dict | None) -> int:
             scheduler=args.scheduler, workers=args.workers, checkpoint=args.checkpoint,
             device=args.device, thresholds=thresholds, tile_size=args.tile_size,
             overlap=args.overlap, batch_size=args.batch_size,
-            precision=getattr(args, "precision", None),
+            precision=getattr(args, "precision", None), ome_zarr=getattr(args, "ome_zarr", False),
         )
         try:
             while True:

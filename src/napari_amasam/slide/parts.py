@@ -4,8 +4,10 @@ A run writes its parts into ``<out>/<stem>.parts/`` next to a ``plan.json`` that
 everything the results depend on (slide, resolution, model, thresholds, regions, area). A
 part is written to a temporary name and renamed when complete, so a part file that exists
 is a finished region: a killed run restarted with the same plan skips those regions; a
-different plan (other model, settings or slide) clears the folder first. The folder is
-removed once the final outputs are written.
+different plan (other model, settings or slide) clears the folder first. Once every region
+is done, each part is rewritten with its overlaps with the neighbouring parts settled
+(:mod:`.ownership`) into ``settled/``, the same way; the outputs are written from there and
+the folder is removed afterwards.
 
 Part file contents (``n`` nuclei owned by the region, local ids ``1..n``)::
 
@@ -13,7 +15,9 @@ Part file contents (``n`` nuclei owned by the region, local ids ``1..n``)::
     origin        (2,) int64      processing-resolution (row, col) of labels[0, 0]
     area, perimeter, eccentricity, mean_intensity, centroid_y, centroid_x
                   (n,) float64    processing pixels; centroids in slide-wide coordinates
-    rings         (k,) uint8      JSON: n outlines, level-0 (x, y) vertex lists
+    geometries    (k,) uint8      JSON: n GeoJSON geometries (a ``Polygon`` with its holes as
+                                  inner rings, or a ``MultiPolygon`` for a nucleus in
+                                  pieces), level-0 (x, y) pixel-edge coordinates
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ import numpy as np
 
 TABLE_COLUMNS = ("area", "perimeter", "eccentricity", "mean_intensity", "centroid_y", "centroid_x")
 PLAN_FILE = "plan.json"
+#: Subfolder of the settled parts (:mod:`.ownership`).
+SETTLED_DIR = "settled"
+#: Part file layout version (in the plan: parts of an older layout are not reused).
+PART_FORMAT = 2
 
 
 def _atomic(path: Path, write) -> None:
@@ -49,13 +57,13 @@ def part_name(index: int) -> str:
 
 
 def save_part(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[int, int],
-              table: dict[str, np.ndarray], rings: list) -> Path:
+              table: dict[str, np.ndarray], geometries: list[dict]) -> Path:
     """Write one region's result atomically; returns the part's path."""
     path = Path(folder) / part_name(index)
     arrays = {name: np.asarray(table[name], np.float64) for name in TABLE_COLUMNS}
     arrays["labels"] = np.asarray(labels, np.uint32)
     arrays["origin"] = np.asarray(origin, np.int64)
-    arrays["rings"] = np.frombuffer(json.dumps(rings).encode(), np.uint8)
+    arrays["geometries"] = np.frombuffer(json.dumps(geometries).encode(), np.uint8)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
@@ -63,6 +71,65 @@ def save_part(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[
 
     _atomic(path, write)
     return path
+
+
+def measure_nuclei(labels: np.ndarray, origin: tuple[int, int], image: np.ndarray,
+                   downsample: float) -> tuple[np.ndarray, tuple[int, int], dict, list[dict]]:
+    """Crop, measure and outline nuclei: what a part stores about them.
+
+    Parameters
+    ----------
+    labels : (h, w) integer array
+        Nuclei with ids ``1..n`` (consecutive), 0 elsewhere; ``n >= 1``.
+    origin : (row, col)
+        Processing-resolution position of ``labels[0, 0]`` in the slide.
+    image : (h, w, 3) uint8 array
+        The pixels under ``labels`` (for the mean intensity).
+    downsample : float
+        Level-0 pixels per processing pixel (outlines are written in level-0 pixels).
+
+    Returns
+    -------
+    (labels cropped to the nuclei, the crop's origin, measurement columns (centroids in
+    slide-wide processing pixels), GeoJSON geometries in id order)
+    """
+    from ..export import labels_to_geojson, nucleus_measurements
+
+    rows_any = np.flatnonzero(labels.any(axis=1))
+    cols_any = np.flatnonzero(labels.any(axis=0))
+    by0, by1 = int(rows_any[0]), int(rows_any[-1]) + 1
+    bx0, bx1 = int(cols_any[0]), int(cols_any[-1]) + 1
+    crop = np.ascontiguousarray(labels[by0:by1, bx0:bx1], np.uint32)
+    oy, ox = origin[0] + by0, origin[1] + bx0
+    table = nucleus_measurements(crop, image[by0:by1, bx0:bx1])
+    table["centroid_y"] = table["centroid_y"] + oy
+    table["centroid_x"] = table["centroid_x"] + ox
+    collection = labels_to_geojson(crop, offset=(oy * downsample, ox * downsample),
+                                   downsample=downsample)
+    # The whole geometry: holes (a ring-shaped nucleus) and pieces stay what they are.
+    geometries = [feature["geometry"] for feature in collection["features"]]
+    return crop, (oy, ox), table, geometries
+
+
+def save_nuclei(folder: str | Path, index: int, labels: np.ndarray, origin: tuple[int, int],
+                image: np.ndarray, downsample: float) -> int:
+    """Measure, outline and save a region's nuclei as its part; returns how many.
+
+    Parameters as :func:`measure_nuclei` (``labels`` may hold no nucleus).
+    """
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        save_part(folder, index, np.zeros((0, 0), np.uint32), origin,
+                  {name: np.zeros(0) for name in TABLE_COLUMNS}, [])
+        return 0
+    crop, crop_origin, table, geometries = measure_nuclei(labels, origin, image, downsample)
+    save_part(folder, index, crop, crop_origin, table, geometries)
+    return n
+
+
+def read_geometries(part: dict[str, np.ndarray]) -> list[dict]:
+    """The GeoJSON geometries of a loaded part (:func:`load_part`), in id order."""
+    return json.loads(part["geometries"].tobytes().decode())
 
 
 @dataclass
@@ -160,12 +227,28 @@ class PartStore:
             _atomic(plan_path, lambda tmp: tmp.write_text(text))
         return {int(p.stem.split("_")[1]) for p in self.folder.glob("region_*.npz")}
 
-    def infos(self, indices: list[int]) -> list[PartInfo]:
-        """Part infos in ``indices`` order, with slide-wide id offsets assigned."""
+    @property
+    def settled(self) -> Path:
+        """Folder of the parts with their overlaps settled."""
+        return self.folder / SETTLED_DIR
+
+    def open_settled(self) -> set[int]:
+        """Prepare ``settled/``; returns the indices of parts already settled there."""
+        self.settled.mkdir(parents=True, exist_ok=True)
+        for stray in self.settled.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
+        return {int(p.stem.split("_")[1]) for p in self.settled.glob("region_*.npz")}
+
+    def infos(self, indices: list[int], settled: bool = False) -> list[PartInfo]:
+        """Part infos in ``indices`` order, with slide-wide id offsets assigned.
+
+        ``settled``: of the parts in ``settled/`` (what the outputs are written from).
+        """
+        folder = self.settled if settled else self.folder
         infos = []
         next_id = 0
         for index in indices:
-            info = read_part_info(self.folder / part_name(index))
+            info = read_part_info(folder / part_name(index))
             info.first_id = next_id
             next_id += info.count
             infos.append(info)

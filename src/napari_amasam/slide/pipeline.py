@@ -6,6 +6,7 @@
       -> regions (core squares at the model's mpp)                      [regions.py]
       -> each region: read core + halo, Predictor, keep owned nuclei
          -> part file (atomic)                 [worker.py, run by Dask: scheduler.py]
+      -> overlaps between neighbouring parts settled, one rule    [ownership.py]
       -> <stem>_labels.tif (pyramidal BigTIFF), <stem>.geojson, <stem>.csv  [writers.py]
 
 Memory is that of one region per worker plus one strip of the output, whatever the slide
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AmaSamError
-from .parts import PartStore
+from .ownership import settle_overlaps
+from .parts import PART_FORMAT, PartStore
 from .reader import SlideError, _suffix, open_slide
 from .regions import Area, check_inside, plan_regions, read_roi
 from .scheduler import SERIAL, default_threads, run_tasks
@@ -43,7 +45,7 @@ class SlideResult:
 
     Attributes
     ----------
-    labels_path, geojson_path, csv_path : Path or None
+    labels_path, geojson_path, csv_path, ome_zarr_path : Path or None
     nuclei : int
     shape : (height, width)
         Labels size at the processing resolution.
@@ -75,6 +77,7 @@ class SlideResult:
     tissue_fraction: float | None
     tissue_mm2: float
     seconds: float
+    ome_zarr_path: Path | None = None
 
 
 def model_mpp(model: str) -> float | None:
@@ -100,7 +103,7 @@ def _plan_key(slide_path: Path, job: SlideJob, regions: list[int], shape, extra:
         fields.pop(volatile)
     return {"slide": [str(slide_path.resolve()), stat.st_size, stat.st_mtime_ns],
             "model_files": model_stamp, "job": fields, "regions": regions,
-            "shape": list(shape), **extra}
+            "shape": list(shape), "part_format": PART_FORMAT, **extra}
 
 
 def iter_segment_slide(
@@ -125,6 +128,7 @@ def iter_segment_slide(
     precision: str | None = None,
     geojson: bool = True,
     csv: bool = True,
+    ome_zarr: bool = False,
     stem: str | None = None,
 ) -> Generator[Record, None, SlideResult]:
     """Segment a slide; yields progress records, returns a :class:`SlideResult`.
@@ -155,6 +159,8 @@ def iter_segment_slide(
         Predictor settings (see ``Predictor``).
     geojson, csv : bool
         Also write those outputs.
+    ome_zarr : bool
+        Also write the labels as ``<stem>_labels.ome.zarr`` (OME-Zarr, NGFF 0.4).
     stem : str, optional
         Output name stem (default: the slide's file stem).
 
@@ -231,11 +237,26 @@ def iter_segment_slide(
         if scheduler == SERIAL:
             clear_cache()
 
-    infos = store.infos(sorted(r.index for r in regions))
-    from .writers import write_csv, write_geojson, write_labels_pyramid
+    # One owner per nucleus and per pixel where regions' results overlap, decided once for
+    # the TIFF, the GeoJSON and the CSV alike (resumable: settled parts are files too).
+    yield {"stage": "write", "what": "overlap-free regions"}
+    indices = sorted(r.index for r in regions)
+    cores = {r.index: (r.y0, r.x0, r.y1, r.x1) for r in regions}
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        for _ in settle_overlaps(store, store.infos(indices), cores,
+                                 lambda y, x, h, w: slide.read_scaled(y, x, h, w, downsample),
+                                 downsample):
+            pass
+    infos = store.infos(indices, settled=True)
+    from .writers import write_csv, write_geojson, write_labels_ome_zarr, write_labels_pyramid
 
     yield {"stage": "write", "what": "labels"}
     labels_path = write_labels_pyramid(out_dir / f"{stem}_labels.tif", shape, infos, target)
+    zarr_path = None
+    if ome_zarr:
+        yield {"stage": "write", "what": "OME-Zarr labels"}
+        zarr_path = write_labels_ome_zarr(out_dir / f"{stem}_labels.ome.zarr", shape, infos,
+                                          target)
     geojson_path = csv_path = None
     if geojson:
         yield {"stage": "write", "what": "geojson"}
@@ -247,7 +268,8 @@ def iter_segment_slide(
     area_px = sum((r.y1 - r.y0) * (r.x1 - r.x0) for r in regions)
     return SlideResult(
         labels_path=labels_path, geojson_path=geojson_path, csv_path=csv_path,
-        nuclei=sum(i.count for i in infos), shape=shape, mpp=target, downsample=downsample,
+        ome_zarr_path=zarr_path, nuclei=sum(i.count for i in infos), shape=shape, mpp=target,
+        downsample=downsample,
         regions=len(regions), regions_total=total, area_mm2=area_px * target * target / 1e6,
         tissue_fraction=tissue_fraction, tissue_mm2=tissue_mm2, seconds=time.monotonic() - started,
     )

@@ -5,7 +5,9 @@ processing resolution, segments it with the existing :class:`~napari_amasam.infe
 Predictor` (network tiles, then block-wise post-processing inside), keeps the nuclei whose
 centroid lies in the core (and in the user's area, if any), and writes them as a part file
 (:mod:`.parts`). The halo is wider than any nucleus, so a nucleus cut by the core border is
-whole in the window of the region that owns it and absent from its neighbours' results.
+whole in the window of the region that owns it and absent from its neighbours' results
+(where two windows disagree about a nucleus near a border, :mod:`.ownership` settles it
+once every region is done).
 
 The slide handle and the predictor are cached per process, so a worker loads the model once
 for all the regions it runs.
@@ -131,9 +133,8 @@ def segment_region(job: SlideJob, region: Region) -> dict:
     dict ``{"index": region index, "nuclei": owned nuclei written}``.
     """
     from ..config import PostprocessConfig
-    from ..export import labels_to_geojson, nucleus_measurements
     from ..inference.postprocess import _owned_ids
-    from .parts import save_part
+    from .parts import save_nuclei
 
     slide = _slide(job)
     predictor = _predictor(job)
@@ -158,33 +159,9 @@ def segment_region(job: SlideJob, region: Region) -> dict:
                                (wy0 + rows[ids] + 0.5) * job.downsample)
         owned[ids[~inside]] = False
     keep = np.flatnonzero(owned)
-    if keep.size == 0:
-        save_part(job.parts_dir, region.index, np.zeros((0, 0), np.uint32), (region.y0, region.x0),
-                  {name: np.zeros(0) for name in ("area", "perimeter", "eccentricity",
-                                                  "mean_intensity", "centroid_y", "centroid_x")},
-                  [])
-        return {"index": region.index, "nuclei": 0}
     lut = np.zeros(n + 1, np.uint32)
     lut[keep] = np.arange(1, keep.size + 1, dtype=np.uint32)
     local = lut[labels]
     del labels
-    rows_any = np.flatnonzero(local.any(axis=1))
-    cols_any = np.flatnonzero(local.any(axis=0))
-    by0, by1 = int(rows_any[0]), int(rows_any[-1]) + 1
-    bx0, bx1 = int(cols_any[0]), int(cols_any[-1]) + 1
-    crop = np.ascontiguousarray(local[by0:by1, bx0:bx1])
-    crop_image = image[by0:by1, bx0:bx1]
-    table = nucleus_measurements(crop, crop_image)
-    table["centroid_y"] = table["centroid_y"] + wy0 + by0
-    table["centroid_x"] = table["centroid_x"] + wx0 + bx0
-    d = job.downsample
-    collection = labels_to_geojson(crop, offset=((wy0 + by0) * d, (wx0 + bx0) * d), downsample=d)
-    # One outer ring per nucleus (the largest piece's; holes are not kept in slide parts).
-    rings = [
-        feature["geometry"]["coordinates"][0]
-        if feature["geometry"]["type"] == "Polygon"
-        else max((piece[0] for piece in feature["geometry"]["coordinates"]), key=len)
-        for feature in collection["features"]
-    ]
-    save_part(job.parts_dir, region.index, crop, (wy0 + by0, wx0 + bx0), table, rings)
+    save_nuclei(job.parts_dir, region.index, local, (wy0, wx0), image, job.downsample)
     return {"index": region.index, "nuclei": int(keep.size)}

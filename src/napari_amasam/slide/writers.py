@@ -5,12 +5,13 @@
   (so it opens at the right scale), readable whole by ``tifffile.imread`` and lazily by
   ``tifffile.imread(..., aszarr=True)`` (a zarr group ``"0"``, ``"1"``, ...). Levels halve
   by nearest-neighbour subsampling, so ids stay ids.
+- :func:`write_labels_ome_zarr` (optional): the same levels as an OME-Zarr (NGFF 0.4).
 - :func:`write_geojson` : QuPath detections with polygons in level-0 slide pixels.
 - :func:`write_csv` : one row per nucleus, measurements in µm and µm².
 
-Parts are pasted in region order where the output is still 0 (as the block-wise
-post-processing does), so where two regions' nuclei overlap by a few pixels the first
-keeps them. Each writer writes a temporary file and renames it.
+The parts are the settled ones (:mod:`.ownership`): no two claim a pixel, so every nucleus
+of the GeoJSON and CSV has its pixels in the TIFF under the same id. Each writer writes a
+temporary file and renames it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..export import _atomic_write
-from .parts import PartCache, PartInfo, load_part
+from .parts import PartCache, PartInfo, load_part, read_geometries
 
 #: Tile side of the labels TIFF (pixels).
 TILE = 256
@@ -64,8 +65,12 @@ def _paste_strip(strip: np.ndarray, row0: int, step: int, parts: list[PartInfo],
         target[free] = ids[free]
 
 
-def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> Iterator[np.ndarray]:
-    """Row-major ``TILE x TILE`` uint32 tiles of one pyramid level (edge tiles zero-padded)."""
+def _level_strips(shape: tuple[int, int], step: int, parts: list[PartInfo]
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, strip)`` of one pyramid level, :data:`STRIP_TILES` tile rows at a time.
+
+    Strips are ``(rows padded to TILE, width padded to TILE)`` uint32, zero outside the level.
+    """
     height, width = shape
     cache = PartCache()
     strip_rows = STRIP_TILES * TILE
@@ -74,8 +79,14 @@ def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> It
         rows = min(strip_rows, height - row0)
         strip = np.zeros((-(-rows // TILE) * TILE, padded_width), np.uint32)
         _paste_strip(strip[:rows, :width], row0, step, parts, cache)
+        yield row0, strip
+
+
+def _level_tiles(shape: tuple[int, int], step: int, parts: list[PartInfo]) -> Iterator[np.ndarray]:
+    """Row-major ``TILE x TILE`` uint32 tiles of one pyramid level (edge tiles zero-padded)."""
+    for _, strip in _level_strips(shape, step, parts):
         for ty in range(0, strip.shape[0], TILE):
-            for tx in range(0, padded_width, TILE):
+            for tx in range(0, strip.shape[1], TILE):
                 yield strip[ty : ty + TILE, tx : tx + TILE]
 
 
@@ -124,18 +135,70 @@ def write_labels_pyramid(path: str | Path, shape: tuple[int, int], parts: list[P
     return _atomic_write(path, write)
 
 
-def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, list]]:
-    """(slide-wide id, measurement row dict, outline ring) for every nucleus in order."""
+def write_labels_ome_zarr(path: str | Path, shape: tuple[int, int], parts: list[PartInfo],
+                          mpp: float) -> Path:
+    """Write the slide's labels as an OME-Zarr (NGFF 0.4) multiscale image, strip by strip.
+
+    The same levels as :func:`write_labels_pyramid` (uint32 ids, halving by subsampling),
+    ``TILE``-square zstd chunks, axes ``y, x`` in micrometres. Written into a temporary
+    folder renamed when complete, so a ``.zarr`` folder that exists is finished.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.zarr`` folder (replaced if it exists).
+    shape, parts, mpp
+        As :func:`write_labels_pyramid`.
+    """
+    import shutil
+    import tempfile
+
+    import zarr
+
+    path = Path(path)
+    shapes = pyramid_shapes(shape)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        # NGFF 0.4 sits on the Zarr v2 format, which every OME-Zarr reader opens.
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        for level, level_shape in enumerate(shapes):
+            array = root.create_array(str(level), shape=level_shape, dtype=np.uint32,
+                                      chunks=(TILE, TILE), fill_value=0)
+            for row0, strip in _level_strips(level_shape, 2**level, parts):
+                rows = min(strip.shape[0], level_shape[0] - row0)
+                array[row0 : row0 + rows] = strip[:rows, : level_shape[1]]
+        root.attrs["multiscales"] = [{
+            "version": "0.4",
+            "name": path.stem,
+            "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                     {"name": "x", "type": "space", "unit": "micrometer"}],
+            "datasets": [{"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": [mpp * 2**level, mpp * 2**level]}]}
+                for level in range(len(shapes))],
+            "type": "subsample",
+            "metadata": {"description": "napari-amasam nuclei instance labels"},
+        }]
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, dict]]:
+    """(slide-wide id, measurement row dict, GeoJSON geometry) for every nucleus in order."""
     for info in parts:
         if info.count == 0:
             continue
         part = load_part(info.path)
-        rings = json.loads(part["rings"].tobytes().decode())
+        geometries = read_geometries(part)
         for i in range(info.count):
             row = {name: float(part[name][i]) for name in
                    ("area", "perimeter", "eccentricity", "mean_intensity", "centroid_y",
                     "centroid_x")}
-            yield info.first_id + i + 1, row, rings[i]
+            yield info.first_id + i + 1, row, geometries[i]
 
 
 def _in_um(row: dict, mpp: float, downsample: float) -> dict:
@@ -180,7 +243,8 @@ def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsampl
                   ) -> Path:
     """QuPath detections, one feature per nucleus, streamed feature by feature.
 
-    Polygons are in level-0 slide pixels (QuPath's pixel-edge convention, see ``export``);
+    Polygons (with their holes; a ``MultiPolygon`` for a nucleus in pieces) are in level-0
+    slide pixels (QuPath's pixel-edge convention, see ``export``);
     ``measurements`` carry the µm values of the CSV and ``label`` the id in the labels TIFF.
     """
     import uuid
@@ -189,7 +253,7 @@ def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsampl
         with open(tmp, "w") as handle:
             handle.write('{"type": "FeatureCollection", "features": [')
             first = True
-            for label, row, ring in _nuclei(parts):
+            for label, row, geometry in _nuclei(parts):
                 values = _in_um(row, mpp, downsample)
                 measurements = {
                     "Area µm^2": values["area_um2"], "Perimeter µm": values["perimeter_um"],
@@ -199,7 +263,7 @@ def write_geojson(path: str | Path, parts: list[PartInfo], mpp: float, downsampl
                     measurements["Mean intensity"] = values["mean_intensity"]
                 feature = {
                     "type": "Feature", "id": str(uuid.uuid4()),
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "geometry": geometry,
                     "properties": {
                         "objectType": "detection",
                         "classification": {"name": classification, "color": list(color)},

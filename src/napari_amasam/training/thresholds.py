@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 
@@ -37,23 +37,52 @@ def candidate_thresholds(base: PostprocessConfig, has_distances: bool) -> list[P
     return candidates
 
 
-def optimize_thresholds(predictor, items: Sequence[tuple[np.ndarray, np.ndarray]],
-                        base: PostprocessConfig | None = None,
-                        input_mpp: float | None = None) -> tuple[PostprocessConfig, dict[str, float]]:
+def iter_optimize_thresholds(
+    predictor, items: Sequence[tuple[np.ndarray, np.ndarray]],
+    base: PostprocessConfig | None = None, input_mpp: float | None = None,
+) -> Generator[dict, None, tuple[PostprocessConfig, dict[str, float]]]:
     """Best post-processing settings on ``items`` = ``[(image, gt_labels), ...]``.
 
-    Returns the chosen settings and their mean metrics on ``items``.
+    Yields ``{"stage": "progress", "task": "thresholds", "done", "total", "message"}`` after
+    each batch of tiles and each candidate tried (a caller cancels by no longer iterating);
+    returns the chosen settings and their mean metrics on ``items``.
     """
     from ..metrics import evaluate_pair
 
     base = base or PostprocessConfig()
-    maps = [(predictor.predict_maps(image, input_mpp=input_mpp), gt) for image, gt in items]
+    maps = []
+    for k, (image, gt) in enumerate(items, start=1):
+        tiles = predictor.iter_predict_maps(image, input_mpp=input_mpp)
+        while True:
+            try:
+                tile = next(tiles)
+            except StopIteration as stop:
+                maps.append((stop.value, gt))
+                break
+            yield {"stage": "progress", "task": "thresholds", "done": k - 1, "total": len(items),
+                   "message": f"tuning thresholds: maps of image {k}/{len(items)} "
+                              f"(tiles {tile['done']}/{tile['total']})"}
     has_distances = all(m.center_distance is not None for m, _ in maps)
     best, best_key, best_scores = base, (-1.0, -1.0), {}
-    for candidate in candidate_thresholds(base, has_distances):
+    candidates = candidate_thresholds(base, has_distances)
+    for j, candidate in enumerate(candidates, start=1):
         per_image = [evaluate_pair(gt, predictor.postprocess(m, candidate)) for m, gt in maps]
         scores = {k: float(np.nanmean([p[k] for p in per_image])) for k in per_image[0]}
         key = (np.nan_to_num(scores["aji"], nan=-1.0), np.nan_to_num(scores["pq"], nan=-1.0))
         if key > best_key:
             best, best_key, best_scores = candidate, key, scores
+        yield {"stage": "progress", "task": "thresholds", "done": j, "total": len(candidates),
+               "message": f"tuning thresholds: setting {j}/{len(candidates)}"}
     return best, best_scores
+
+
+def optimize_thresholds(predictor, items: Sequence[tuple[np.ndarray, np.ndarray]],
+                        base: PostprocessConfig | None = None,
+                        input_mpp: float | None = None) -> tuple[PostprocessConfig, dict[str, float]]:
+    """:func:`iter_optimize_thresholds` run to the end: ``(settings, mean metrics)``."""
+    generator = iter_optimize_thresholds(predictor, items, base, input_mpp)
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value

@@ -3,10 +3,14 @@
 ``train(train_cfg, model_cfg)`` checks every data folder first (training never starts on
 bad data), builds the multi-domain sampler and the model, and then yields one record per
 optimiser step and one per validation. A ``threading.Event`` passed as ``cancel`` stops it
-at the next step; what was trained is saved. ``resume=True`` continues from ``last.pt``
-with optimiser, scheduler and RNG state, so a killed run resumed ends at the same step.
+at the next step (or, during validation and the final threshold search, after the current
+batch of tiles or post-processing); what was trained is saved. ``resume=True`` continues
+from ``last.pt`` with optimiser, scheduler and RNG state, so a killed run resumed ends at
+the same step.
 
-Records (dicts) have a ``stage`` key: ``setup``, ``train``, ``val``, ``save``, ``done``.
+Records (dicts) have a ``stage`` key: ``setup``, ``train``, ``progress`` (validation and
+threshold search: ``task``, ``done``, ``total``, ``message``), ``val``, ``thresholds``,
+``save``, ``done``.
 A ``train`` record's ``loss`` is the segmentation loss; ``total_loss`` adds the domain term.
 """
 
@@ -115,8 +119,8 @@ def _base_checkpoint_record(model_cfg: ModelConfig, checkpoint: str | None) -> d
     return {"name": path.name, "sha256": sha256_file(path), "path": str(path)}
 
 
-def _validate(model, model_cfg, thresholds, val_items, device, mpp,
-              input_mpp=None) -> dict[str, Any]:
+def _iter_validate(model, model_cfg, thresholds, val_items, device, mpp,
+                   input_mpp=None) -> Generator[Record, None, dict[str, Any]]:
     """Full-image validation through the real predictor (tiling + post-processing).
 
     The network runs once per image; its maps are post-processed with the configured
@@ -124,6 +128,9 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp,
     is reported (``method``). Early in training the distance heads lag the foreground, and
     the fine search of ``training.thresholds`` only runs once at the end, so this keeps the
     per-epoch Dice/AJI close to what the finished model will give.
+
+    Yields a ``progress`` record after each batch of tiles and each post-processing (so
+    that a cancel takes effect there, see :func:`_until_cancelled`); returns the scores.
     """
     import dataclasses as _dc
 
@@ -138,12 +145,25 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp,
         candidates.append(_dc.replace(thresholds, method="edt"))
     # Validation images stay at the primary's scale (metrics on the user's pixels); the
     # predictor rescales them to the working scale ``mpp`` as inference will.
-    maps = [(stem, predictor.predict_maps(image, input_mpp=input_mpp), labels)
-            for stem, image, labels in val_items]
+    n = len(val_items)
+    maps = []
+    for k, (stem, image, labels) in enumerate(val_items, start=1):
+        tiles = predictor.iter_predict_maps(image, input_mpp=input_mpp)
+        while True:
+            try:
+                tile = next(tiles)
+            except StopIteration as stop:
+                maps.append((stem, stop.value, labels))
+                break
+            yield {"stage": "progress", "task": "validation", "done": k - 1, "total": n,
+                   "message": f"validating: image {k}/{n} (tiles {tile['done']}/{tile['total']})"}
     best = None
     for candidate in candidates:
-        per_image = {stem: evaluate_pair(labels, predictor.postprocess(m, candidate))
-                     for stem, m, labels in maps}
+        per_image = {}
+        for k, (stem, m, labels) in enumerate(maps, start=1):
+            per_image[stem] = evaluate_pair(labels, predictor.postprocess(m, candidate))
+            yield {"stage": "progress", "task": "validation", "done": k, "total": n,
+                   "message": f"validating: {candidate.method} instances of image {k}/{n}"}
         summary = summarize(per_image)
         aji = np.nan_to_num(summary["mean"].get("aji", np.nan), nan=-1.0)
         if best is None or aji > best[0]:
@@ -151,6 +171,38 @@ def _validate(model, model_cfg, thresholds, val_items, device, mpp,
     _, method, summary, per_image = best
     return {"mean": summary["mean"], "n_images": summary["n_images"], "method": method,
             "n_skipped": summary.get("n_skipped", 0), "images": per_image}
+
+
+def _validate(model, model_cfg, thresholds, val_items, device, mpp,
+              input_mpp=None) -> dict[str, Any]:
+    """:func:`_iter_validate` run to the end (scripts and tests)."""
+    generator = _iter_validate(model, model_cfg, thresholds, val_items, device, mpp, input_mpp)
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _until_cancelled(generator: Generator[Record, None, Any],
+                     cancel: threading.Event | None) -> Generator[Record, None, tuple[bool, Any]]:
+    """Forward ``generator``'s records until ``cancel`` is set.
+
+    Returns ``(True, its return value)``, or ``(False, None)`` once cancelled (checked before
+    every record, so a cancel waits for one batch of tiles or one post-processing, not for
+    the whole validation or threshold search); the generator is then closed.
+    """
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                return False, None
+            try:
+                record = next(generator)
+            except StopIteration as stop:
+                return True, stop.value
+            yield record
+    finally:
+        generator.close()
 
 
 def _load_init_weights(model, path: Path) -> None:
@@ -170,15 +222,16 @@ def _load_init_weights(model, path: Path) -> None:
 
 
 def _tune_thresholds(model, model_cfg, thresholds, val_items, device, mpp, input_mpp, out):
-    """Thresholds for the best weights, chosen on (at most 4) validation images."""
+    """Thresholds for the best weights, chosen on (at most 4) validation images: a generator
+    of progress records that returns ``(thresholds, scores)``."""
     from ..inference.predictor import Predictor
-    from .thresholds import optimize_thresholds
+    from .thresholds import iter_optimize_thresholds
 
     model.load_trainable_state_dict(torch_load(out / "weights.pt", "model weights"))
     model.eval()
     predictor = Predictor(model, model_cfg, thresholds, mpp=mpp, device=device)
     items = [(image, labels) for _, image, labels in val_items[:4]]
-    return optimize_thresholds(predictor, items, thresholds, input_mpp=input_mpp)
+    return (yield from iter_optimize_thresholds(predictor, items, thresholds, input_mpp=input_mpp))
 
 
 def train(
@@ -350,7 +403,7 @@ def train(
         return {"stage": "save", "path": str(out), "step": step, "epoch": epoch, "best": best}
 
     def _loop():
-        nonlocal step, steps_timed, cancelled, epoch_losses, best_dice
+        nonlocal step, steps_timed, cancelled, epoch_losses, best_dice, saved_step
         while step < total_steps:
             if cancel is not None and cancel.is_set():
                 cancelled = True
@@ -393,34 +446,46 @@ def train(
                 metrics: dict[str, Any] = {}
                 is_best = False
                 if is_main and val_items and (epoch % cfg.val_every == 0 or step == total_steps):
-                    val = _validate(model, model_cfg, thresholds, val_items, device, scale, cfg.mpp)
-                    metrics = val["mean"]
-                    dice = metrics.get("dice", float("nan"))
-                    is_best = bool(np.isfinite(dice) and dice > best_dice)
-                    if is_best:
-                        best_dice = float(dice)
-                    yield {"stage": "val", "epoch": epoch, "step": step, "metrics": metrics,
-                           "method": val["method"], "n_images": val["n_images"],
-                           "images": val["images"]}
+                    validated, val = yield from _until_cancelled(
+                        _iter_validate(model, model_cfg, thresholds, val_items, device, scale,
+                                       cfg.mpp),
+                        cancel)
+                    if not validated:
+                        # Cancelled while validating: this epoch goes unscored, but its
+                        # steps are kept (saved below, as at every epoch end).
+                        cancelled = True
+                    else:
+                        metrics = val["mean"]
+                        dice = metrics.get("dice", float("nan"))
+                        is_best = bool(np.isfinite(dice) and dice > best_dice)
+                        if is_best:
+                            best_dice = float(dice)
+                        yield {"stage": "val", "epoch": epoch, "step": step, "metrics": metrics,
+                               "method": val["method"], "n_images": val["n_images"],
+                               "images": val["images"]}
                 if is_main:
                     row = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_losses)),
                            "lr": optimizer.param_groups[0]["lr"], "lam": lam}
                     row.update({f"val_{k}": v for k, v in metrics.items()})
                     append_history(work, row)
                     yield save(step, epoch, is_best or not val_items)
+                    saved_step = step
                 epoch_losses = []
                 dist_utils.barrier()
+                if cancelled:
+                    break
 
     model.train()
     step = start_step
     t_start, steps_timed = time.perf_counter(), 0
     cancelled = False
+    saved_step = start_step if resume else -1  # the step last.pt holds
     epoch_losses: list[float] = []
     try:
         yield from _loop()
     except GeneratorExit:
         # The consumer stopped iterating (e.g. a napari worker quit): keep what was trained.
-        if is_main and step > start_step:
+        if is_main and step > start_step and step != saved_step:
             save(step, step // steps_per_epoch, best=False)
         raise
     except Exception:
@@ -429,13 +494,20 @@ def train(
         raise
 
     if cancelled and is_main:
-        yield save(step, step // steps_per_epoch, best=False)
+        if step != saved_step:
+            yield save(step, step // steps_per_epoch, best=False)
     elif is_main and cfg.tune_thresholds and val_items:
         yield {"stage": "setup", "message": "choosing post-processing thresholds on validation images"}
-        tuned, scores = _tune_thresholds(model, model_cfg, thresholds, val_items, device, scale,
-                                         cfg.mpp, out)
-        write_thresholds(out, tuned)
-        yield {"stage": "thresholds", "thresholds": tuned.to_dict(), "metrics": scores}
+        tuned, result = yield from _until_cancelled(
+            _tune_thresholds(model, model_cfg, thresholds, val_items, device, scale, cfg.mpp, out),
+            cancel)
+        if tuned:
+            write_thresholds(out, result[0])
+            yield {"stage": "thresholds", "thresholds": result[0].to_dict(), "metrics": result[1]}
+        else:
+            # Every step is saved; the model keeps its thresholds.json, and resuming the
+            # folder runs the threshold search again.
+            cancelled = True
     if is_main and not cancelled:
         yield from continual.finish_task(model, cfg, train_pairs, out, device)
     if is_main:
