@@ -337,3 +337,31 @@ def test_cli_tiny_defaults_train_at_20x_from_40x_data(tmp_path):
     assert result.returncode == 0, result.stderr
     folder = read_model_folder(out)
     assert folder.mpp == 0.5 and folder.train.mpp == 0.25
+
+
+def test_slide_regions_read_at_the_working_scale_are_not_rescaled_again(tmp_path, monkeypatch):
+    """The slide pipeline reads regions at the model's working scale; the predictor must not
+    take them to be at the training data's scale and shrink them a second time."""
+    from napari_amasam.data.io import read_image
+    from napari_amasam.inference.predictor import Predictor
+    from napari_amasam.slide.pipeline import segment_slide
+    from tests.slide_data import write_pyramidal_tiff
+
+    primary = primary_folder(tmp_path)
+    cfg = _cfg(tmp_path, steps_per_epoch=1, val_fraction=0.0, mpp=0.25, model_mpp=0.5)
+    out, _ = run_training(cfg, tiny_model_config())
+    image = read_image(next((primary / "images").iterdir()))
+    slide = write_pyramidal_tiff(tmp_path / "slide.tif", image, 0.25)
+
+    scales = []
+    original = Predictor.iter_segment
+
+    def spy(self, image, **kwargs):
+        scales.append((image.shape, self._scale_for(kwargs.get("input_mpp"))))
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(Predictor, "iter_segment", spy)
+    result = segment_slide(slide, str(out), tmp_path / "seg", region_size=256, scheduler="serial",
+                           tissue=False)
+    assert scales and all(scale == 1.0 for _, scale in scales), scales
+    assert result is not None

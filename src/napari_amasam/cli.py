@@ -73,8 +73,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--aux-mpp", type=float, nargs="*", default=None, help="microns per pixel of each aux folder")
     p.add_argument("--model-mpp", type=float, default=None,
                    help="working scale of the network in microns per pixel: every folder is "
-                        "rescaled to it (default 0.5 = 20x for tiny*, the primary's mpp for vit_*; "
-                        "needs --mpp)")
+                        "rescaled to it (an aux folder without --aux-mpp is taken to be at --mpp), "
+                        "and inference rescales its inputs to it; default 0.5 = 20x for tiny*, the "
+                        "primary's mpp for vit_*; needs --mpp")
     p.add_argument("--primary-share", type=float, default=None, help="default 0.5")
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.2 for vit_*, 0.1 for tiny*")
     p.add_argument("--no-augment", action="store_true")

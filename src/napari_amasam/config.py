@@ -447,7 +447,7 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     the network works at 0.5 µm/px (20x; ``model_mpp``: 40x data are rescaled, so a 256-px
     crop holds four times the tissue and inference is four times cheaper), 256-px crops, a
     10x larger learning rate that decays to ~7 % over 14 epochs of 100 steps (1400 steps,
-    about 0.9 s each on a 2-core CPU: under 25 minutes with validation), a mild reversal
+    1.07 s each measured on a 2-core CPU: about 26 minutes with validation), a mild reversal
     strength (0.1, so the adversarial term cannot swamp an encoder that is still learning
     what a nucleus is), and 10 % of the primary images for validation (cheap at 20x). The
     learning curve on a GPU (benchmarks/README.md) shows the tiny_conv recipe still gaining

@@ -60,7 +60,8 @@ class BatchSection(Section):
         model_key = owner.model_key()
         generator = batch_steps(images, Path(output_dir), self.geojson.isChecked(),
                                 self.csv.isChecked(), owner.thresholds(), model_key,
-                                owner._tiling(), owner.cached_predictor(model_key))
+                                {**owner._tiling(), "input_mpp": owner.input_mpp()},
+                                owner.cached_predictor(model_key))
         return owner.start(generator, f"batch: {len(images)} images", self._done)
 
     def _done(self, result) -> None:

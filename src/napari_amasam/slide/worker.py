@@ -144,9 +144,11 @@ def segment_region(job: SlideJob, region: Region) -> dict:
     wy1, wx1 = min(height, region.y1 + halo), min(width, region.x1 + halo)
     image = slide.read_scaled(wy0, wx0, wy1 - wy0, wx1 - wx0, job.downsample)
     thresholds = PostprocessConfig.from_dict(job.thresholds) if job.thresholds else None
-    # The window is already at the model's resolution: no further rescaling (scale 1).
+    # The window is already at the model's resolution: say so (scale 1), or the predictor
+    # would take it to be at the training data's scale and rescale it once more.
     labels = predictor.segment(image, tile_size=job.tile_size, overlap=job.overlap,
-                               batch_size=job.batch_size, thresholds=thresholds)
+                               batch_size=job.batch_size, thresholds=thresholds,
+                               input_mpp=predictor.mpp)
     n = int(labels.max())
     core = (region.y0 - wy0, region.y1 - wy0, region.x0 - wx0, region.x1 - wx0)
     owned = _owned_ids(labels, core) if n else np.zeros(1, bool)

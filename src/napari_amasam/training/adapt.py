@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.dataset import rescale_image
 from ..errors import CheckpointError, DataError
 from ..model_folder import atomic_torch_save, atomic_write_text, read_model_folder
 
@@ -172,6 +173,11 @@ def adapt(model_dir: str | Path, images_dir: str | Path | list[np.ndarray], out:
     if not images:
         detail = f" ({problems[0]})" if problems else ""
         raise DataError(images_dir, f"no readable images to adapt to{detail}")
+    data_mpp = folder.train.mpp if folder.train is not None else None
+    if data_mpp and folder.mpp and data_mpp != folder.mpp:
+        # Images are taken to be at the training data's scale (as the predictor does when no
+        # mpp is given) and brought to the network's working scale, as in training.
+        images = [rescale_image(image, data_mpp / folder.mpp) for image in images]
 
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -284,8 +284,8 @@ def train(
         thresholds = thresholds or init_folder.thresholds
         if model_cfg.backbone not in RANDOM_BACKBONES and not cfg.checkpoint:
             cfg.checkpoint = init_folder.base_checkpoint.get("path")
-        if cfg.mpp is None:
-            cfg.mpp = init_folder.mpp
+        if cfg.mpp is None:  # new data taken to be at the scale of the model's training data
+            cfg.mpp = init_folder.train.mpp if init_folder.train is not None else init_folder.mpp
         if init_folder.mpp is not None:
             cfg.model_mpp = init_folder.mpp  # its weights were learned at this scale
 
@@ -311,7 +311,9 @@ def train(
     thresholds = thresholds or PostprocessConfig()
     primary_pairs = find_pairs(cfg.primary)
     train_pairs, val_pairs = split_train_val(primary_pairs, cfg.val_fraction, cfg.seed)
-    aux_mpp = cfg.aux_mpp or [None] * len(cfg.aux)
+    # An auxiliary folder of unknown scale is taken to be at the primary's (as before the
+    # working scale existed), so every domain reaches the working scale together.
+    aux_mpp = [m if m is not None else cfg.mpp for m in (cfg.aux_mpp or [None] * len(cfg.aux))]
     if len(aux_mpp) != len(cfg.aux):
         raise ConfigError(f"{len(aux_mpp)} auxiliary mpp values for {len(cfg.aux)} auxiliary folders")
     scale = cfg.working_mpp  # every domain is rescaled to the network's working scale
