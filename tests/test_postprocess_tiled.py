@@ -142,8 +142,9 @@ def test_predictor_tiles_only_large_images(monkeypatch):
 
     spy("instances_from_maps", pp.instances_from_maps)
     spy("instances_from_maps_tiled", pp.instances_from_maps_tiled)
-    # postprocess reads only ``thresholds`` of the predictor: no model is needed.
-    fake = SimpleNamespace(thresholds=PostprocessConfig())
+    # postprocess reads only the predictor's thresholds (default and per routed task): no
+    # model is needed.
+    fake = SimpleNamespace(thresholds=PostprocessConfig(), task_thresholds={})
     fg = np.zeros((40, 50), np.float32)
     fg[10:20, 10:20] = 1.0
     maps_small = Maps(fg, None, None, 1.0)
