@@ -258,6 +258,7 @@ def test_threshold_tuning_finds_better_settings_than_the_defaults():
 
         def __init__(self):
             self.thresholds = PostprocessConfig()
+            self.task_thresholds = {}  # per routed task (CA-SAM); none here
             self.is_classical = False
 
         def predict_maps(self, image, input_mpp=None):
