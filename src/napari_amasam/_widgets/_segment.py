@@ -64,6 +64,7 @@ class Segmentation:
     maps: Any
     features: Any
     network_ran: bool
+    thresholds: Any  # the PostprocessConfig that made ``labels``
 
 
 class SegmentWidget(ScrollableDock):
@@ -89,7 +90,9 @@ class SegmentWidget(ScrollableDock):
         self._progress: Progress | None = None
         self._predictor: Any = None
         self._predictor_key: tuple | None = None
-        self._cache: dict[str, Any] = {"key": None, "maps": None}
+        # Cached network maps and the thresholds of the labels last made from them.
+        self._cache: dict[str, Any] = {"key": None, "maps": None, "thresholds": None}
+        self._rethreshold_pending = False  # a threshold edit arrived while a job ran
         self._model_thresholds = None
         self._outputs: dict[str, Any] = {}  # image layer name -> its latest nuclei layer
         self._build()
@@ -207,7 +210,9 @@ class SegmentWidget(ScrollableDock):
                              ("overlap", self.overlap)):
             bind("segment", key, control)
 
-        # Threshold edits re-run post-processing only, once the user pauses typing.
+        # Threshold edits re-run post-processing only, once the user pauses typing. A Run
+        # stops the timer (it uses the form's thresholds): left armed, it would fire at the
+        # next processEvents (napari's progress bar calls it), after later edits too.
         self._rethreshold_timer = QTimer(self)
         self._rethreshold_timer.setSingleShot(True)
         self._rethreshold_timer.setInterval(400)
@@ -380,6 +385,8 @@ class SegmentWidget(ScrollableDock):
         """Segment the chosen image layer (re-thresholds cached maps when only thresholds changed)."""
         if self.busy():
             return None
+        self._rethreshold_timer.stop()
+        self._rethreshold_pending = False
         layer = self.current_image_layer()
         if layer is None:
             self.show_error(ValueError("choose an image layer to segment"))
@@ -396,10 +403,16 @@ class SegmentWidget(ScrollableDock):
                           lambda result: self._show_result(layer, result))
 
     def rethreshold(self) -> Job | None:
-        """Re-run post-processing with the form's thresholds, only if maps are cached."""
+        """Re-run post-processing with the form's thresholds, only if maps are cached and
+        the thresholds differ from the shown result's; during a job, once it has ended."""
+        if self.job is not None and self.job.running:
+            self._rethreshold_pending = True  # that job read the form before this edit
+            return None
         layer = self.current_image_layer()
         if layer is None or self._cache["key"] != self._cache_key(layer) or self._cache["maps"] is None:
             return None
+        if self._cache["thresholds"] == self.thresholds():
+            return None  # the layer already shows these thresholds
         return self.run()
 
     def _show_result(self, image_layer, result: Segmentation | None) -> None:
@@ -408,7 +421,7 @@ class SegmentWidget(ScrollableDock):
         self._keep_predictor(result.predictor, result.predictor_key)
         if result.network_ran:
             self.network_runs += 1
-        self._cache = {"key": result.key, "maps": result.maps}
+        self._cache = {"key": result.key, "maps": result.maps, "thresholds": result.thresholds}
         target = self._outputs.get(image_layer.name)
         layer, kept = write_nuclei_layer(self.viewer, image_layer, result.labels,
                                          result.features, self.model_name(), target)
@@ -493,6 +506,9 @@ class SegmentWidget(ScrollableDock):
     def _on_finished(self) -> None:
         end_job(self, self.run_button)
         self.prompts.on_job_finished()
+        if self._rethreshold_pending:
+            self._rethreshold_pending = False
+            self._rethreshold_timer.start()  # after a prompt re-run that may start first
 
     def show_error(self, exc: BaseException) -> None:
         report_error(self, exc)
@@ -521,7 +537,8 @@ def segment_steps(image, name, key, cached, thresholds, input_mpp, model_key, ti
     yield {"stage": "measure", "message": "measuring nuclei"}
     labels = compact_labels(result.labels)  # here, off the UI thread
     features = measure_nuclei(labels, image, name)
-    return Segmentation(key, predictor, model_key, labels, result.maps, features, ran)
+    return Segmentation(key, predictor, model_key, labels, result.maps, features, ran,
+                        thresholds)
 
 
 def _disconnect(signal, slot) -> None:
