@@ -57,6 +57,21 @@ def test_train_unavailable_device_is_one_line(tmp_path):
     assert_one_line_error(result, "cuda")
 
 
+def test_train_help_states_the_defaults_a_run_gets():
+    """The help's defaults are read from config.train_defaults, never restated by hand."""
+    from napari_amasam.cli import build_parser
+    from napari_amasam.config import train_defaults
+
+    parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {action.dest: " ".join((action.help or "").split()) for action in parser._actions}
+    vit, tiny = train_defaults("vit_b"), train_defaults("tiny_conv")
+    for key in ("epochs", "lr", "lr_gamma", "lambda_max", "val_fraction", "image_size"):
+        assert f"{vit[key]} for vit_*, {tiny[key]} for tiny*" in helps[key], (key, helps[key])
+    assert f"{tiny['steps_per_epoch']} for tiny*" in helps["steps_per_epoch"]
+    assert f"{tiny['model_mpp']} µm/px" in helps["model_mpp"]
+    assert f"default {tiny['batch_size']}" in helps["batch_size"]
+
+
 def test_segment_skips_bad_files_and_processes_the_rest(tmp_path):
     images = tmp_path / "in"
     images.mkdir()

@@ -99,3 +99,30 @@ def test_continue_from_a_non_ca_sam_model_is_a_one_line_error(tmp_path, capsys):
     assert code == cli.EXIT_ERROR and "needs a ca-sam model" in err and len(err.strip().splitlines()) == 1
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "--continue-from" in help_text and "sam-da" in help_text and "ca-sam" in help_text
+
+
+def test_continue_from_without_mpp_warns_and_keeps_the_working_scale(tmp_path, capsys):
+    """``train --continue-from`` builds its settings like a new run: without --mpp it says at
+    which scale the new images are taken; the new model keeps the old one's working scale."""
+    primary, aux = primary_folder(tmp_path, 2), aux_folder(tmp_path, 2)
+    first, _ = run_training(_quick(primary, tmp_path / "m1", mpp=0.25, model_mpp=0.5),
+                            tiny_model_config(kind="ca-sam", trainable_backbone=False))
+    assert read_model_folder(first).mpp == 0.5
+    quick = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+             "--val-fraction", "0", "--device", "cpu", "--quiet"]
+    code = cli.main(["train", "--continue-from", str(first), "--primary", str(aux),
+                     "--out", str(tmp_path / "m2"), *quick])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("warning: no --mpp")]
+    assert len(warning) == 1 and "0.25 µm/px" in warning[0] and "0.5 µm/px working scale" in \
+        warning[0], err
+    second = read_model_folder(tmp_path / "m2")
+    assert second.mpp == 0.5 and second.train.mpp == 0.25 and second.train.model_mpp == 0.5
+    assert [task["task"] for task in read_tasks(second.path)] == [0, 1]
+    # A new task cannot move the model to another working scale.
+    code = cli.main(["train", "--continue-from", str(first), "--primary", str(aux), "--mpp",
+                     "0.25", "--model-mpp", "0.25", "--out", str(tmp_path / "m3"), *quick])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ERROR and "keeps that scale" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m3").exists()

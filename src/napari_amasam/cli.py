@@ -35,6 +35,23 @@ def _fail(message: str) -> int:
 
 
 # --------------------------------------------------------------------------- train
+def _default_help(key: str, show=str) -> str:
+    """``default X for vit_*, Y for tiny*`` (or ``default X`` when equal), read from
+    ``config.train_defaults`` so the help always says what a run gets."""
+    vit, tiny = train_defaults("vit_b")[key], train_defaults("tiny_conv")[key]
+    if vit == tiny:
+        return f"default {show(vit)}"
+    return f"default {show(vit)} for vit_*, {show(tiny)} for tiny*"
+
+
+def _show_steps(steps: int) -> str:
+    return "one pass over the primary images" if steps == 0 else str(steps)
+
+
+def _show_model_mpp(mpp: float | None) -> str:
+    return "the primary's mpp" if mpp is None else f"{mpp} µm/px ({10 / mpp:g}x)"
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune AMA-SAM on a primary folder (+ auxiliary folders)")
     p.add_argument("--primary", help="folder with images/ and labels/ (your data, domain 0)")
@@ -57,27 +74,29 @@ def add_train_parser(sub) -> None:
     p.add_argument("--alignment-layer", type=int, default=0, metavar="BLOCKS",
                    help="CA-SAM: residual alignment blocks between encoder and decoder (0 = off)")
     p.add_argument("--lambda-max", type=float, default=None,
-                   help="maximum gradient-reversal strength (warmed up over training; default "
-                        "1.0 for vit_*, 0.1 for tiny*)")
+                   help="maximum gradient-reversal strength (warmed up over training; "
+                        f"{_default_help('lambda_max')})")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default 30 for vit_*, 12 for tiny* (resume: as recorded)")
+                   help=f"{_default_help('epochs')} (resume: as recorded)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (0 = no limit)")
     p.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="default: one pass over the primary images for vit_*, 40 for tiny*")
-    p.add_argument("--batch-size", type=int, default=None, help="default 4")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4 for vit_*, 1e-3 for tiny*")
+                   help=_default_help("steps_per_epoch", _show_steps))
+    p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
+    p.add_argument("--lr", type=float, default=None, help=_default_help("lr"))
     p.add_argument("--lr-gamma", type=float, default=None,
-                   help="learning-rate decay per epoch (default 0.98 for vit_*, 0.8 for tiny*)")
-    p.add_argument("--image-size", type=int, default=None, help="network input side (default 1024; tiny 256)")
+                   help=f"learning-rate decay per epoch ({_default_help('lr_gamma')})")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"network input side ({_default_help('image_size')})")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the primary data")
     p.add_argument("--aux-mpp", type=float, nargs="*", default=None, help="microns per pixel of each aux folder")
     p.add_argument("--model-mpp", type=float, default=None,
                    help="working scale of the network in microns per pixel: every folder is "
                         "rescaled to it (an aux folder without --aux-mpp is taken to be at --mpp), "
-                        "and inference rescales its inputs to it; default 0.5 = 20x for tiny*, the "
-                        "primary's mpp for vit_*; needs --mpp")
-    p.add_argument("--primary-share", type=float, default=None, help="default 0.5")
-    p.add_argument("--val-fraction", type=float, default=None, help="default 0.2 for vit_*, 0.1 for tiny*")
+                        "and inference rescales its inputs to it; "
+                        f"{_default_help('model_mpp', _show_model_mpp)}; needs --mpp; "
+                        "--continue-from keeps the model's")
+    p.add_argument("--primary-share", type=float, default=None, help=_default_help("primary_share"))
+    p.add_argument("--val-fraction", type=float, default=None, help=_default_help("val_fraction"))
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -124,6 +143,53 @@ def _format_record(record: dict) -> str | None:
     return None
 
 
+#: Flags that override ``config.train_defaults`` (None = not given on the command line).
+TRAIN_SETTINGS = ("image_size", "lambda_max", "epochs", "steps_per_epoch", "batch_size", "lr",
+                  "lr_gamma", "primary_share", "val_fraction", "model_mpp")
+
+
+def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, dict]:
+    """The TrainConfig of a new run (a new model, or a new task with ``--continue-from``)
+    from the command line, and the merged settings (``train_defaults(backbone)`` overridden
+    by the flags given; ``image_size`` and ``lambda_max`` are for the ModelConfig).
+
+    ``continuing`` is the model folder a new task is added to: its working scale is kept
+    (its weights were learned at it). Without ``--mpp`` a warning says at which scale the
+    new images are taken to be.
+    """
+    defaults = train_defaults(backbone)
+    if continuing is not None:
+        if args.model_mpp is not None and continuing.mpp is not None and \
+                args.model_mpp != continuing.mpp:
+            raise ConfigError(f"--model-mpp {args.model_mpp}: {continuing.path} works at "
+                              f"{continuing.mpp} µm/px; a new task keeps that scale")
+        defaults["model_mpp"] = continuing.mpp
+    given = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+    settings = {**defaults, **given}
+    working = settings["model_mpp"]
+    if args.mpp is None and working is not None:
+        if continuing is None:
+            print(f"warning: no --mpp: training at the images' own scale, not at the "
+                  f"{working} µm/px working scale of {backbone} (give the primary's microns "
+                  "per pixel, e.g. --mpp 0.25 for 40x)", file=sys.stderr)
+        else:
+            print(f"warning: no --mpp: the new task's images are taken to be at "
+                  f"{continuing.data_mpp or working} µm/px like {continuing.path}'s training data and "
+                  f"rescaled to its {working} µm/px working scale (give the primary's microns "
+                  "per pixel if they differ, e.g. --mpp 0.25 for 40x)", file=sys.stderr)
+    train_cfg = TrainConfig(
+        primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
+        epochs=settings["epochs"], max_steps=0 if args.max_steps is None else args.max_steps,
+        steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
+        lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
+        model_mpp=working, primary_share=settings["primary_share"],
+        val_fraction=settings["val_fraction"], augment=not args.no_augment, device=args.device,
+        seed=args.seed, num_threads=args.threads,
+        continue_from=None if continuing is None else args.continue_from,
+    )
+    return train_cfg, settings
+
+
 def cmd_train(args) -> int:
     from .model_folder import read_model_folder
     from .training.trainer import resume_config, train
@@ -133,22 +199,10 @@ def cmd_train(args) -> int:
             return _fail("give either --resume MODEL_DIR or --continue-from MODEL_DIR, not both")
         if not args.primary or not args.out:
             return _fail("train --continue-from needs --primary DIR (the new task) and --out MODEL_DIR")
-        model_cfg = read_model_folder(args.continue_from).model  # the trainer adds the task
+        continuing = read_model_folder(args.continue_from)
+        model_cfg = continuing.model  # the trainer adds the task
         # The existing model's backbone decides the defaults of settings not given here.
-        defaults = train_defaults(model_cfg.backbone)
-        given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "batch_size", "lr",
-                                                "lr_gamma", "primary_share", "val_fraction")
-                 if getattr(args, k) is not None}
-        settings = {**defaults, **given}
-        train_cfg = TrainConfig(
-            primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=settings["epochs"], max_steps=0 if args.max_steps is None else args.max_steps,
-            steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
-            lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
-            primary_share=settings["primary_share"], val_fraction=settings["val_fraction"],
-            augment=not args.no_augment, device=args.device, seed=args.seed,
-            num_threads=args.threads, continue_from=args.continue_from,
-        )
+        train_cfg, _ = new_run_config(args, model_cfg.backbone, continuing)
     elif args.resume:
         # Recorded settings; --epochs / --max-steps given here extend the run.
         train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps)
@@ -159,31 +213,12 @@ def cmd_train(args) -> int:
         if args.backbone not in RANDOM_BACKBONES and not args.checkpoint:
             print(f"warning: no --checkpoint for {args.backbone}: the SAM encoder gets random "
                   "weights (download the official .pth once and pass its path)", file=sys.stderr)
-        # Per-backbone defaults for every setting not given on the command line.
-        defaults = train_defaults(args.backbone)
-        given = {k: getattr(args, k) for k in ("image_size", "lambda_max", "epochs", "steps_per_epoch",
-                                                "batch_size", "lr", "lr_gamma", "primary_share",
-                                                "val_fraction", "model_mpp") if getattr(args, k) is not None}
-        settings = {**defaults, **given}
-        if args.mpp is None and settings["model_mpp"] is not None:
-            print(f"warning: no --mpp: training at the images' own scale, not at the "
-                  f"{settings['model_mpp']} µm/px working scale of {args.backbone} (give the "
-                  "primary's microns per pixel, e.g. --mpp 0.25 for 40x)", file=sys.stderr)
+        train_cfg, settings = new_run_config(args, args.backbone)
         model_cfg = ModelConfig(backbone=args.backbone, image_size=settings["image_size"],
                                 alignment=args.alignment, lambda_max=settings["lambda_max"],
                                 decoder_adapter=args.decoder_adapter,
                                 alignment_layer_blocks=args.alignment_layer,
                                 trainable_backbone=args.trainable_backbone, kind=args.kind)
-        train_cfg = TrainConfig(
-            primary=args.primary, aux=list(args.aux), out=args.out, checkpoint=args.checkpoint,
-            epochs=settings["epochs"], max_steps=0 if args.max_steps is None else args.max_steps,
-            steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
-            lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
-            model_mpp=settings["model_mpp"],
-            primary_share=settings["primary_share"], val_fraction=settings["val_fraction"],
-            augment=not args.no_augment, device=args.device, seed=args.seed,
-            num_threads=args.threads,
-        )
     interactive = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
     for record in train(train_cfg, model_cfg, resume=bool(args.resume), overwrite=args.overwrite):

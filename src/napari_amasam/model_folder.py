@@ -116,6 +116,10 @@ class ModelFolder:
     mpp: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Microns per pixel of the training data (``train.mpp``; a bioimage.io package records
+    #: it without the rest of the training config): the scale an image of unknown pixel
+    #: size is taken to be at. None: unknown.
+    data_mpp: float | None = None
 
     @property
     def has_weights(self) -> bool:
@@ -208,6 +212,7 @@ def read_model_folder(path: str | Path) -> ModelFolder:
         mpp=doc.get("mpp"),
         data=doc.get("data") or {},
         meta={k: doc.get(k) for k in ("package_version", "created", "seed", "normalisation")},
+        data_mpp=train.mpp if train is not None else None,
     )
 
 
