@@ -23,7 +23,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "src" / "napari_amasam" / "_sampl
 THRESHOLDS = PostprocessConfig(method="edt", foreground_threshold=0.45, edt_min_distance=3)
 
 
-def _model_folder(folder: Path, config, base_record: dict, checkpoint=None) -> Path:
+def _model_folder(folder: Path, config, base_record: dict, checkpoint=None, train=None,
+                  mpp: float = 0.25) -> Path:
     """A model folder as training leaves it, with seeded random trained weights."""
     from napari_amasam.model import build_amasam
     from napari_amasam.model_folder import atomic_torch_save, write_config, write_thresholds
@@ -37,7 +38,7 @@ def _model_folder(folder: Path, config, base_record: dict, checkpoint=None) -> P
     if config.backbone == "tiny":
         atomic_torch_save(model.sam_state_dict(), folder / "base_sam.pt")
     atomic_torch_save(model.trainable_state_dict(), folder / "weights.pt")
-    write_config(folder, config, None, base_record, mpp=0.25)
+    write_config(folder, config, train, base_record, mpp=mpp)
     write_thresholds(folder, THRESHOLDS)
     return folder
 
@@ -100,6 +101,32 @@ def test_reimported_package_segments_identically(tiny_folder, tiny_package, brea
     b = from_package.segment(breast, input_mpp=0.25)
     assert a.max() > 0
     np.testing.assert_array_equal(a, b)
+
+
+def test_package_keeps_the_training_data_scale(tmp_path, breast):
+    """A model working at 0.5 µm/px trained on 0.25 µm/px images: its package takes an image
+    of unknown pixel size to be at 0.25 µm/px, as the folder does (same labels)."""
+    from napari_amasam.config import TrainConfig
+
+    folder = tmp_path / "at_20x"
+    folder.mkdir()
+    train = TrainConfig(primary=str(tmp_path / "data"), mpp=0.25, model_mpp=0.5)
+    _model_folder(folder, tiny_model_config(image_size=64), {"name": "tiny"}, train=train,
+                  mpp=0.5)
+    package = bp.export_model_package(folder, tmp_path / "at_20x.zip",
+                                      data_citation="MoNuSeg 2018 crops.",
+                                      data_licence="CC-BY-NC-SA-4.0")
+    assert bp.read_package(package).data_mpp == 0.25
+    from_folder = Predictor.from_folder(folder, device="cpu")
+    from_package = Predictor.from_folder(package, device="cpu")
+    assert from_folder.data_mpp == from_package.data_mpp == 0.25
+    assert from_package.mpp == 0.5
+    a = from_folder.segment(breast)  # no mpp given: taken at the training data's 0.25
+    b = from_package.segment(breast)
+    assert a.max() > 0
+    np.testing.assert_array_equal(a, b)
+    with zipfile.ZipFile(package) as archive:
+        assert "training images were at 0.25 µm/px" in archive.read("README.md").decode()
 
 
 def test_folder_package_and_detection(tiny_folder, tmp_path, breast):

@@ -14,8 +14,9 @@ Export (:func:`export_model_package`)::
          README.md           what goes in, what comes out, post-processing, citations
 
     config.napari_amasam holds what this plugin needs to re-import the package exactly:
-    the ModelConfig, the post-processing thresholds, mpp, SAM normalisation, the base
-    checkpoint's name + sha256 and whether its weights are embedded.
+    the ModelConfig, the post-processing thresholds, mpp (the working scale) and data_mpp
+    (the training data's, taken for images of unknown pixel size), SAM normalisation, the
+    base checkpoint's name + sha256 and whether its weights are embedded.
 
 Base weights: the official SAM checkpoints are Apache-2.0; by default a package stores only
 the trained weights and records the checkpoint by name and sha256 (import looks it up with
@@ -129,6 +130,11 @@ def _documentation(folder: ModelFolder, channels: list[str], base: dict, embedde
     cfg, t = folder.model, folder.thresholds
     size = cfg.image_size
     mpp = f"{folder.mpp} µm/px" if folder.mpp else "unknown (not recorded at training)"
+    data_scale = ""
+    if folder.data_mpp and folder.mpp and folder.data_mpp != folder.mpp:
+        data_scale = (f"The training images were at {folder.data_mpp} µm/px and rescaled to "
+                      f"{folder.mpp}; napari-amasam takes images of unknown pixel size to be at "
+                      f"{folder.data_mpp} µm/px.\n")
     if t.method == "distance":
         how = (f"seeded watershed: foreground > {t.foreground_threshold}, seeds where centre distance "
                f"< {t.center_distance_threshold} and boundary distance < {t.boundary_distance_threshold}")
@@ -149,7 +155,7 @@ Exported by napari-amasam {__version__} from `{folder.path.name}`.
 
 ## Input
 `image`: batch x 3 x {size} x {size} float32, RGB on the 0-255 scale (H&E), at {mpp}.
-Larger images are tiled ({size} px tiles, overlapping, blended); napari-amasam does this.
+{data_scale}Larger images are tiled ({size} px tiles, overlapping, blended); napari-amasam does this.
 
 ## Output
 `probabilities`: batch x {len(channels)} x {size} x {size} float32 in [0, 1]; channels
@@ -434,6 +440,7 @@ def _describe(v0_5, stage: Path, folder: ModelFolder, channels: list[str], arch_
         "model": cfg.to_dict(),
         "thresholds": folder.thresholds.to_dict(),
         "mpp": folder.mpp,
+        "data_mpp": folder.data_mpp,  # the scale inputs of unknown pixel size are taken at
         "normalisation": SAM_NORMALISATION,
         "output_channels": channels,
         "base_checkpoint": {"name": base.get("name"), "sha256": base.get("sha256"),
@@ -514,6 +521,12 @@ def _folder_from_section(path: Path, descr: Any, section: dict) -> ModelFolder:
     except (ConfigError, KeyError, TypeError) as exc:
         raise PackageError(f"{path}: invalid napari_amasam config ({exc})") from None
     base = section.get("base_checkpoint") or {}
+    for key in ("mpp", "data_mpp"):
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0):
+            raise PackageError(f"{path}: invalid napari_amasam config ({key} must be a "
+                               f"positive number or null, not {value!r})")
     return ModelFolder(
         path=path,
         model=cfg,
@@ -524,6 +537,7 @@ def _folder_from_section(path: Path, descr: Any, section: dict) -> ModelFolder:
         data=section.get("training_data") or {},
         meta={"package_version": section.get("package_version"), "bioimageio_name": descr.name,
               "normalisation": section.get("normalisation")},
+        data_mpp=section.get("data_mpp"),  # absent from older packages: unknown
     )
 
 

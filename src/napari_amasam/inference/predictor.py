@@ -241,9 +241,8 @@ class Predictor:
         from ..task_list import task_thresholds
 
         model, folder = load_model(model_dir, checkpoint=checkpoint, device=resolved)
-        data_mpp = folder.train.mpp if folder.train is not None else None
         predictor = cls(model.eval(), folder.model, folder.thresholds, folder.mpp, resolved,
-                        precision, data_mpp=data_mpp)
+                        precision, data_mpp=folder.data_mpp)
         predictor.task_thresholds = task_thresholds(folder.path)
         return predictor
 

@@ -173,7 +173,7 @@ def adapt(model_dir: str | Path, images_dir: str | Path | list[np.ndarray], out:
     if not images:
         detail = f" ({problems[0]})" if problems else ""
         raise DataError(images_dir, f"no readable images to adapt to{detail}")
-    data_mpp = folder.train.mpp if folder.train is not None else None
+    data_mpp = folder.data_mpp
     if data_mpp and folder.mpp and data_mpp != folder.mpp:
         # Images are taken to be at the training data's scale (as the predictor does when no
         # mpp is given) and brought to the network's working scale, as in training.
