@@ -23,27 +23,15 @@ evaluations are cached in OUT, so a final ``--seeds 0 1`` only tabulates.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from variant_runs import (
-    MONUSEG,
-    TNBC,
-    evaluate,
-    load_heldout,
-    pretrained_tiny_sam,
-    save_json,
-    split_folder,
-    tiny_config,
-    train_row,
-)
+from variant_runs import evaluate, load_heldout, prepare, save_json, tiny_config, train_row, variant_parser
 
 METRICS = ("dice", "aji", "pq")
 
@@ -80,27 +68,18 @@ def main() -> None:
     from napari_amasam.inference.predictor import Predictor
     from napari_amasam.model_folder import load_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="optimiser steps per training run")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser = variant_parser(__doc__.splitlines()[0], steps=150, out="benchmarks/output/ablation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tabulate-only", action="store_true",
                         help="no training: tabulate the runs already evaluated in OUT")
     parser.add_argument("--rows", nargs="*", default=None, metavar="ROW",
                         help="train/evaluate only the rows whose slug is given (cgrl grl none "
                              "primary sam-da ca-sam): split the work over processes")
-    parser.add_argument("--out", default="benchmarks/output/ablation")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
     t0 = time.perf_counter()
-
-    # the same seeded splits as bench_continual (seed 42)
-    mon_train, mon_held = split_folder(MONUSEG, out / "data" / "monuseg", 22, 6)
-    tnbc_train, _ = split_folder(TNBC, out / "data" / "tnbc", 36, 8)
-    sam = pretrained_tiny_sam(out.parent / "pretrained", args.pretrain_steps)
-    held = load_heldout(mon_held)
+    setup = prepare(args)  # the same seeded splits as bench_continual
+    out, mon_train, tnbc_train, sam = setup.out, setup.monuseg_train, setup.tnbc_train, setup.sam
+    held = load_heldout(setup.monuseg_heldout)
 
     runs = {
         "AMA-SAM cgrl (+aux)": (tiny_config(alignment="cgrl"), [tnbc_train]),

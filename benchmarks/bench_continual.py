@@ -18,42 +18,21 @@ same step budget. Results also go to ``OUT/continual.json``.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
-import torch
-
-from variant_runs import (
-    MONUSEG,
-    TNBC,
-    evaluate,
-    load_heldout,
-    pretrained_tiny_sam,
-    save_json,
-    split_folder,
-    tiny_config,
-    train_row,
-)
+from variant_runs import evaluate, load_heldout, prepare, save_json, tiny_config, train_row, variant_parser
 
 
 def main() -> None:
     from napari_amasam.inference.predictor import Predictor
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps per training run")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser = variant_parser(__doc__.splitlines()[0], steps=200, out="benchmarks/output/continual")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/output/continual")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
     t0 = time.perf_counter()
-
-    mon_train, mon_held = split_folder(MONUSEG, out / "data" / "monuseg", 22, 6)
-    tnbc_train, tnbc_held = split_folder(TNBC, out / "data" / "tnbc", 36, 8)
-    sam = pretrained_tiny_sam(out.parent / "pretrained", args.pretrain_steps)
+    setup = prepare(args)
+    out, mon_train, tnbc_train, sam = setup.out, setup.monuseg_train, setup.tnbc_train, setup.sam
+    mon_held, tnbc_held = setup.monuseg_heldout, setup.tnbc_heldout
     print(f"pretrained tiny SAM ready ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     base = train_row(out / "base", mon_train, tiny_config("ca-sam"), args.steps, args.seed, sam)

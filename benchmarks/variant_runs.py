@@ -10,10 +10,13 @@
   then the frozen "foundation model" of every row. This measures the methods' mechanics on a
   small, weakly pretrained backbone, not the papers' claims on the real SAM.
 * ``train_row`` / ``evaluate``: the project's trainer and predictor, nothing special-cased.
+* ``variant_parser`` / ``prepare``: the options and the setup both benchmarks start with.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +36,41 @@ CPM15 = SHARED / "cpm15"
 CONSEP = SHARED / "consep_patches_subset" / "test"
 IMAGE_SIZE = 256
 CROP = 512
+
+
+def variant_parser(description: str, steps: int, out: str) -> argparse.ArgumentParser:
+    """The options every variant benchmark takes (a benchmark adds its own): optimiser
+    steps per training run, pretraining steps of the tiny SAM, CPU threads, output folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps per training run")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+@dataclasses.dataclass
+class Setup:
+    """What :func:`prepare` made: the output folder, the two datasets' train / held-out
+    folders and the pretrained tiny SAM's weights."""
+
+    out: Path
+    monuseg_train: Path
+    monuseg_heldout: Path
+    tnbc_train: Path
+    tnbc_heldout: Path
+    sam: Path
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Threads, the seeded MoNuSeg and TNBC splits (seed 42: the same images in every
+    benchmark) and the pretrained tiny SAM (trained once, shared through ``out``'s parent)."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    monuseg = split_folder(MONUSEG, out / "data" / "monuseg", 22, 6)
+    tnbc = split_folder(TNBC, out / "data" / "tnbc", 36, 8)
+    sam = pretrained_tiny_sam(out.parent / "pretrained", args.pretrain_steps)
+    return Setup(out, *monuseg, *tnbc, sam)
 
 
 def tiny_config(kind: str = "amasam", **overrides):

@@ -8,6 +8,7 @@ where a model's quality does not matter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -61,6 +62,25 @@ def tiny_model(primary_folder, tmp_path_factory) -> Path:
     return Path(folder)
 
 
+@pytest.fixture
+def tiny_train(make_napari_viewer, primary_folder, tmp_path):
+    """``(viewer, Train widget, output folder)``: the form filled for a tiny CPU run on the primary
+    folder (2 epochs of 2 steps, batch 2, 128 px) into ``tmp_path/model``."""
+    viewer = make_napari_viewer()
+    train = _dock(viewer, "Train")
+    out = tmp_path / "model"
+    train.primary.setText(str(primary_folder))
+    train.backbone.setCurrentText("tiny")
+    train.model_options = TINY
+    train.image_size.setValue(128)
+    train.epochs.setValue(2)
+    train.steps_per_epoch.setValue(2)
+    train.batch_size.setValue(2)
+    train.device.setCurrentText("cpu")
+    train.output.setText(str(out))
+    return viewer, train, out
+
+
 @pytest.fixture(autouse=True)
 def isolated_plugin_settings(plugin_settings, npe2pm):
     """napari's plugin settings live in this test's tmp folder; the plugin is registered
@@ -101,6 +121,28 @@ def _add_sample(viewer, crop: int | None = None):
     image_layer = viewer.add_image(image, name="breast", rgb=True, metadata={"mpp": 0.25}, **space)
     gt_layer = viewer.add_labels(labels, name="breast ground truth", **space)
     return image_layer, gt_layer
+
+
+def _segment_with(viewer, model):
+    """The Segment widget on the breast sample's top-left 256 px, with ``model`` on the CPU."""
+    _add_sample(viewer, crop=256)
+    segment = _dock(viewer, "Segment nuclei")
+    segment.model.setCurrentText(str(model))
+    segment.device.setCurrentText("cpu")
+    return segment
+
+
+@contextlib.contextmanager
+def _notifications():
+    """The napari notifications shown inside the block (a list, filled as they come)."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        yield seen
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
 
 
 # ------------------------------------------------------------------------- manifest
@@ -154,25 +196,14 @@ def test_train_widget_checks_folders(make_napari_viewer, primary_folder, tmp_pat
     assert train.aux_folders() == []
 
 
-def test_train_widget_runs_and_cancel_saves_a_loadable_model(
-        make_napari_viewer, primary_folder, tmp_path):
+def test_train_widget_runs_and_cancel_saves_a_loadable_model(tiny_train):
     from napari_amasam.config import train_defaults
     from napari_amasam.inference.predictor import Predictor
 
-    viewer = make_napari_viewer()
-    train = _dock(viewer, "Train")
+    viewer, train, out = tiny_train
     segment = _dock(viewer, "Segment nuclei")
-    out = tmp_path / "model"
-    train.primary.setText(str(primary_folder))
-    train.backbone.setCurrentText("tiny")
-    train.model_options = TINY
-    train.image_size.setValue(128)
-    train.epochs.setValue(2)
     train.steps_per_epoch.setValue(5)
-    train.batch_size.setValue(2)
-    train.device.setCurrentText("cpu")
     train.mpp.setValue(0.25)
-    train.output.setText(str(out))
 
     records = []
 
@@ -236,24 +267,13 @@ def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
     assert train.configs()[0].epochs == 3
 
 
-def test_train_widget_cancel_during_validation_is_prompt_and_resumable(
-        make_napari_viewer, primary_folder, tmp_path):
+def test_train_widget_cancel_during_validation_is_prompt_and_resumable(tiny_train):
     """Defect 8 (cancel waited for a whole step, validation and threshold search included):
     Cancel while validating stops after that batch of tiles, saves every step done, and the
     folder resumes to a finished model."""
     from napari_amasam.training.trainer import resume_config
 
-    train = _dock(make_napari_viewer(), "Train")
-    out = tmp_path / "model"
-    train.primary.setText(str(primary_folder))
-    train.backbone.setCurrentText("tiny")
-    train.model_options = TINY
-    train.image_size.setValue(128)
-    train.epochs.setValue(2)
-    train.steps_per_epoch.setValue(2)
-    train.batch_size.setValue(2)
-    train.device.setCurrentText("cpu")
-    train.output.setText(str(out))
+    _, train, out = tiny_train
     records, cancelled_at = [], []
 
     def on_record(record):
@@ -604,10 +624,7 @@ def _controls(widget):
 def test_edits_survive_rethresholding(make_napari_viewer, tiny_model):
     """Defect 1: a corrected nuclei layer is never overwritten; the new result is a new layer."""
     viewer = make_napari_viewer()
-    _add_sample(viewer, crop=256)
-    segment = _dock(viewer, "Segment nuclei")
-    segment.model.setCurrentText(str(tiny_model))
-    segment.device.setCurrentText("cpu")
+    segment = _segment_with(viewer, tiny_model)
     segment.run()
     assert segment.last_error is None, segment.status.text()
     layer = viewer.layers["breast nuclei"]
@@ -728,23 +745,17 @@ def test_measurements_built_in_the_worker_thread(make_napari_viewer, qtbot, monk
 
 def test_worker_error_reported_once(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     """Defect 7: one notification per error (not also napari's traceback notification)."""
-    from napari.utils.notifications import notification_manager
-
     monkeypatch.setenv("NAPARI_AMASAM_NOTHREADS", "0")
     viewer = make_napari_viewer()
     _add_sample(viewer, crop=128)
     segment = _dock(viewer, "Segment nuclei")
     (tmp_path / "not_a_model").mkdir()
     segment.model.setCurrentText(str(tmp_path / "not_a_model"))
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
+    with _notifications() as seen:
         job = segment.run()
         assert job.worker is not None
         qtbot.waitUntil(lambda: not job.running, timeout=30000)
         qtbot.wait(100)
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
     assert segment.last_error is not None and "not_a_model" in str(segment.last_error)
     errors = [n for n in seen if "not_a_model" in str(n.message)]
     assert len(errors) == 1, [str(n.message) for n in seen]
@@ -921,17 +932,10 @@ def test_a_run_after_a_threshold_edit_leaves_no_rethreshold_pending(make_napari_
     it redundant. Left armed, it fired whenever Qt next processed events (napari's progress
     bar does, mid-job), after the user's next edit: that result went to a new layer and later
     prompts wrote there (the cause of the prompt test's intermittent failures)."""
-    from napari.utils.notifications import notification_manager
-
     viewer = make_napari_viewer()
-    _add_sample(viewer, crop=256)
-    segment = _dock(viewer, "Segment nuclei")
-    segment.model.setCurrentText(str(tiny_model))
-    segment.device.setCurrentText("cpu")
+    segment = _segment_with(viewer, tiny_model)
     segment.run()
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
+    with _notifications() as seen:
         segment.foreground.setValue(0.0)
         segment.run()  # re-thresholds the cached maps at once
         layer = viewer.layers["breast nuclei"]
@@ -939,8 +943,6 @@ def test_a_run_after_a_threshold_edit_leaves_no_rethreshold_pending(make_napari_
         edited[0, 0] = edited.max() + 1  # the user's correction
         layer.data = edited.astype(layer.data.dtype)
         qtbot.wait(800)  # past the re-threshold delay, with Qt's events processed
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
     assert segment.last_error is None, segment.status.text()
     assert _nuclei_layer_names(viewer) == ["breast nuclei"]
     assert segment.labels_layer().name == layer.name
@@ -952,17 +954,10 @@ def test_a_threshold_edit_during_a_run_is_applied_after_it(make_napari_viewer, t
                                                            qtbot, monkeypatch):
     """A threshold edited while the segmentation runs (in a worker) re-thresholds once the
     run ends, instead of being refused with "a job is already running"."""
-    from napari.utils.notifications import notification_manager
-
     monkeypatch.setenv("NAPARI_AMASAM_NOTHREADS", "0")
     viewer = make_napari_viewer()
-    _add_sample(viewer, crop=256)
-    segment = _dock(viewer, "Segment nuclei")
-    segment.model.setCurrentText(str(tiny_model))
-    segment.device.setCurrentText("cpu")
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
+    segment = _segment_with(viewer, tiny_model)
+    with _notifications() as seen:
         job = segment.run()
         assert job.worker is not None
         segment.foreground.setValue(0.0)  # while the worker runs
@@ -970,8 +965,6 @@ def test_a_threshold_edit_during_a_run_is_applied_after_it(make_napari_viewer, t
         qtbot.waitUntil(lambda: segment.job is not job and not segment.job.running,
                         timeout=20000)
         qtbot.wait(800)
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
     assert segment.last_error is None, segment.status.text()
     assert not [str(n.message) for n in seen if "already running" in str(n.message)]
     predictor = segment.predictor()
@@ -989,10 +982,7 @@ def test_a_prompt_past_the_dtype_widens_the_layer(make_napari_viewer, tiny_model
     """A prompt's new id (max + 1) that no longer fits in the layer's dtype widens it
     instead of wrapping to 0; undo still restores the layer's values."""
     viewer = make_napari_viewer()
-    _add_sample(viewer, crop=256)
-    segment = _dock(viewer, "Segment nuclei")
-    segment.model.setCurrentText(str(tiny_model))
-    segment.device.setCurrentText("cpu")
+    segment = _segment_with(viewer, tiny_model)
     segment.foreground.setValue(0.0)
     segment.run()
     layer = viewer.layers["breast nuclei"]
