@@ -191,6 +191,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["epoch"] for r in read_history(killed)] == ["1", "2", "3", "4"]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    # tiny* defaults average the weights (training.ema): the average resumes too, and the
+    # folder's weights are it
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 12
+    published = torch.load(killed / "weights.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["ema"]["average"][key], b["ema"]["average"][key],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(published[key], b["ema"]["average"][key])
 
 
 # Runs the CLI in each rank and saves the rank's own trainable weights after training (a
