@@ -346,6 +346,15 @@ def test_cli_tiny_defaults_train_at_20x_from_40x_data(tmp_path):
     assert result.returncode == 0, result.stderr
     folder = read_model_folder(out)
     assert folder.mpp == 0.5 and folder.train.mpp == 0.25
+    # the tiny* recipe: no adversarial term, averaged weights, clipped gradients
+    assert folder.model.alignment == "none"
+    assert folder.train.ema_decay > 0 and folder.train.grad_clip > 0
+    aligned = tmp_path / "aligned"
+    result = run_cli("train", "--primary", primary, "--aux", aux_folder(tmp_path), "--out", aligned,
+                     "--backbone", "tiny", "--alignment", "cgrl", "--mpp", "0.25",
+                     "--max-steps", "1", "--val-fraction", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert read_model_folder(aligned).model.alignment == "cgrl"  # a given flag wins
 
 
 def test_slide_regions_read_at_the_working_scale_are_not_rescaled_again(tmp_path, monkeypatch):

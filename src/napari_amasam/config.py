@@ -475,12 +475,12 @@ def train_defaults(backbone: str) -> dict[str, Any]:
         ``primary_share``, ``val_fraction``, ``model_mpp``.
     """
     if backbone in RANDOM_BACKBONES:
-        return dict(image_size=256, lambda_max=0.1, epochs=14, steps_per_epoch=100, batch_size=4,
-                    lr=1e-3, lr_gamma=0.826, primary_share=0.5, val_fraction=0.1, model_mpp=0.5,
-                    ema_decay=0.995, grad_clip=1.0)
-    return dict(image_size=1024, lambda_max=1.0, epochs=30, steps_per_epoch=0, batch_size=4,
-                lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2, model_mpp=None,
-                ema_decay=0.0, grad_clip=0.0)
+        return dict(image_size=256, alignment="none", lambda_max=0.1, epochs=19,
+                    steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.869, primary_share=0.5,
+                    val_fraction=0.1, model_mpp=0.5, ema_decay=0.995, grad_clip=1.0)
+    return dict(image_size=1024, alignment="cgrl", lambda_max=1.0, epochs=30, steps_per_epoch=0,
+                batch_size=4, lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2,
+                model_mpp=None, ema_decay=0.0, grad_clip=0.0)
 
 
 def with_backbone_defaults(cfg: TrainConfig, backbone: str) -> TrainConfig:
