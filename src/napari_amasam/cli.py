@@ -68,7 +68,10 @@ def add_train_parser(sub) -> None:
                    help="ca-sam: add --primary as a new task to MODEL_DIR (no forgetting: earlier "
                         "tasks stay as they are; images are routed to their task by per-task VAEs)")
     p.add_argument("--checkpoint", help="official SAM checkpoint .pth for vit_b/vit_l/vit_h")
-    p.add_argument("--alignment", default="cgrl", choices=["cgrl", "grl", "none"])
+    p.add_argument("--alignment", choices=["cgrl", "grl", "none"],
+                   help="domain alignment with the --aux folders: cgrl (the paper's), grl or "
+                        f"none; {_default_help('alignment')} (random tiny* encoders learn better "
+                        "without the adversarial term, benchmarks/README.md)")
     p.add_argument("--decoder-adapter", action="store_true",
                    help="SAM-DA: learnable prompt tokens + adapters in the mask decoder")
     p.add_argument("--alignment-layer", type=int, default=0, metavar="BLOCKS",
@@ -144,8 +147,8 @@ def _format_record(record: dict) -> str | None:
 
 
 #: Flags that override ``config.train_defaults`` (None = not given on the command line).
-TRAIN_SETTINGS = ("image_size", "lambda_max", "epochs", "steps_per_epoch", "batch_size", "lr",
-                  "lr_gamma", "primary_share", "val_fraction", "model_mpp")
+TRAIN_SETTINGS = ("image_size", "alignment", "lambda_max", "epochs", "steps_per_epoch",
+                  "batch_size", "lr", "lr_gamma", "primary_share", "val_fraction", "model_mpp")
 
 
 def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, dict]:
@@ -154,8 +157,8 @@ def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, d
     by the flags given; ``image_size`` and ``lambda_max`` are for the ModelConfig).
 
     ``continuing`` is the model folder a new task is added to: its working scale is kept
-    (its weights were learned at it). Without ``--mpp`` a warning says at which scale the
-    new images are taken to be.
+    (its weights were learned at it), as is its architecture (``alignment`` included).
+    Without ``--mpp`` a warning says at which scale the new images are taken to be.
     """
     defaults = train_defaults(backbone)
     if continuing is not None:
@@ -215,7 +218,7 @@ def cmd_train(args) -> int:
                   "weights (download the official .pth once and pass its path)", file=sys.stderr)
         train_cfg, settings = new_run_config(args, args.backbone)
         model_cfg = ModelConfig(backbone=args.backbone, image_size=settings["image_size"],
-                                alignment=args.alignment, lambda_max=settings["lambda_max"],
+                                alignment=settings["alignment"], lambda_max=settings["lambda_max"],
                                 decoder_adapter=args.decoder_adapter,
                                 alignment_layer_blocks=args.alignment_layer,
                                 trainable_backbone=args.trainable_backbone, kind=args.kind)
