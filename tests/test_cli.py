@@ -65,7 +65,8 @@ def test_train_help_states_the_defaults_a_run_gets():
     parser = build_parser()._subparsers._group_actions[0].choices["train"]
     helps = {action.dest: " ".join((action.help or "").split()) for action in parser._actions}
     vit, tiny = train_defaults("vit_b"), train_defaults("tiny_conv")
-    for key in ("epochs", "lr", "lr_gamma", "lambda_max", "val_fraction", "image_size"):
+    for key in ("epochs", "lr", "lr_gamma", "lambda_max", "val_fraction", "image_size",
+                "alignment"):
         assert f"{vit[key]} for vit_*, {tiny[key]} for tiny*" in helps[key], (key, helps[key])
     assert f"{tiny['steps_per_epoch']} for tiny*" in helps["steps_per_epoch"]
     assert f"{tiny['model_mpp']} µm/px" in helps["model_mpp"]
