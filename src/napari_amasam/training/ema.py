@@ -35,20 +35,26 @@ class WeightAverage:
         self.updates = 0
         self.average = model.trainable_state_dict()
         params = dict(model.named_parameters())
-        self._params = [params[name] for name in self.average]
+        # A trainable state may hold buffers too (a CA-SAM task's routing-VAE statistics):
+        # they are not stepped by the optimiser, so they are taken as they are, not averaged.
+        buffers = dict(model.named_buffers())
+        self._params = {name: params[name] for name in self.average if name in params}
+        self._buffers = {name: buffers[name] for name in self.average if name not in params}
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current weights in (call after each optimiser step)."""
         self.updates += 1
         decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for average, param in zip(self.average.values(), self._params, strict=True):
+        for name, param in self._params.items():
+            average = self.average[name]
             average.lerp_(param.detach().to(average.dtype), 1.0 - decay)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The averaged trainable weights (detached copies, the layout of
-        ``trainable_state_dict``)."""
-        return {name: value.clone() for name, value in self.average.items()}
+        """The averaged trainable weights, buffers as they are now (detached copies, the
+        layout of ``trainable_state_dict``)."""
+        return {name: (self._buffers[name] if name in self._buffers else value).detach().clone()
+                for name, value in self.average.items()}
 
     def state_dict(self) -> dict:
         return {"average": self.weights(), "updates": self.updates, "decay": self.decay}
@@ -63,7 +69,7 @@ class WeightAverage:
         """Run a block (validation) with the averaged weights in ``model``, then put the raw
         weights back."""
         raw = model.trainable_state_dict()
-        model.load_trainable_state_dict(self.average, "averaged weights")
+        model.load_trainable_state_dict(self.weights(), "averaged weights")
         try:
             yield
         finally:
