@@ -352,9 +352,12 @@ def test_cli_tiny_defaults_train_at_20x_from_40x_data(tmp_path):
     aligned = tmp_path / "aligned"
     result = run_cli("train", "--primary", primary, "--aux", aux_folder(tmp_path), "--out", aligned,
                      "--backbone", "tiny", "--alignment", "cgrl", "--mpp", "0.25",
+                     "--ema-decay", "0", "--grad-clip", "0",
                      "--max-steps", "1", "--val-fraction", "0", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert read_model_folder(aligned).model.alignment == "cgrl"  # a given flag wins
+    given = read_model_folder(aligned)  # given flags win
+    assert given.model.alignment == "cgrl"
+    assert given.train.ema_decay == 0.0 and given.train.grad_clip == 0.0
 
 
 def test_slide_regions_read_at_the_working_scale_are_not_rescaled_again(tmp_path, monkeypatch):

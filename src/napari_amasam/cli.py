@@ -88,6 +88,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help=_default_help("lr"))
     p.add_argument("--lr-gamma", type=float, default=None,
                    help=f"learning-rate decay per epoch ({_default_help('lr_gamma')})")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="average the trained weights with this per-step decay (0 = off; "
+                        f"{_default_help('ema_decay')}); the model folder holds the average")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help=f"clip the gradient norm to this (0 = off; {_default_help('grad_clip')})")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"network input side ({_default_help('image_size')})")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the primary data")
@@ -148,7 +153,8 @@ def _format_record(record: dict) -> str | None:
 
 #: Flags that override ``config.train_defaults`` (None = not given on the command line).
 TRAIN_SETTINGS = ("image_size", "alignment", "lambda_max", "epochs", "steps_per_epoch",
-                  "batch_size", "lr", "lr_gamma", "primary_share", "val_fraction", "model_mpp")
+                  "batch_size", "lr", "lr_gamma", "primary_share", "val_fraction", "model_mpp",
+                  "ema_decay", "grad_clip")
 
 
 def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, dict]:
@@ -186,7 +192,8 @@ def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, d
         steps_per_epoch=settings["steps_per_epoch"], batch_size=settings["batch_size"],
         lr=settings["lr"], lr_gamma=settings["lr_gamma"], mpp=args.mpp, aux_mpp=args.aux_mpp,
         model_mpp=working, primary_share=settings["primary_share"],
-        val_fraction=settings["val_fraction"], augment=not args.no_augment, device=args.device,
+        val_fraction=settings["val_fraction"], ema_decay=settings["ema_decay"],
+        grad_clip=settings["grad_clip"], augment=not args.no_augment, device=args.device,
         seed=args.seed, num_threads=args.threads,
         continue_from=None if continuing is None else args.continue_from,
     )
