@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AmaSamError
+from .ome_zarr import stamp_file
 from .ownership import settle_overlaps
 from .parts import PART_FORMAT, PartStore
-from .reader import SlideError, _suffix, open_slide
+from .reader import SlideError, open_slide, slide_stem
 from .regions import Area, check_inside, plan_regions, read_roi
 from .scheduler import SERIAL, default_threads, run_tasks
 from .tissue import TISSUE_MPP, detect_tissue
@@ -92,7 +93,9 @@ def model_mpp(model: str) -> float | None:
 
 
 def _plan_key(slide_path: Path, job: SlideJob, regions: list[int], shape, extra: dict) -> dict:
-    stat = slide_path.stat()
+    # An OME-Zarr folder is stamped by its metadata file (the folder's own time changes
+    # only when entries come or go).
+    stat = (stamp_file(slide_path) if slide_path.is_dir() else slide_path).stat()
     model = Path(job.model)
     model_stamp = None
     if job.model != "classical":
@@ -136,7 +139,7 @@ def iter_segment_slide(
     Parameters
     ----------
     slide_path : str or Path
-        A vendor slide or (pyramidal) TIFF.
+        A vendor slide, a (pyramidal) TIFF or an OME-Zarr folder.
     model : str
         Model folder or ``"classical"``.
     out_dir : str or Path
@@ -174,8 +177,7 @@ def iter_segment_slide(
     started = time.monotonic()
     slide_path = Path(slide_path)
     out_dir = Path(out_dir)
-    suffix = _suffix(slide_path)
-    stem = stem or (slide_path.name[: -len(suffix)] if suffix else slide_path.name)
+    stem = stem or slide_stem(slide_path)
     with open_slide(slide_path, mpp=mpp) as slide:
         slide_mpp = slide.mpp
         target = process_mpp or model_mpp(model) or slide_mpp
