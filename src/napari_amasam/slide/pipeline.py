@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AmaSamError
+from .classical_threshold import slide_threshold as classical_threshold
 from .ome_zarr import stamp_file
 from .ownership import settle_overlaps
 from .parts import PART_FORMAT, PartStore
@@ -133,6 +134,7 @@ def iter_segment_slide(
     csv: bool = True,
     ome_zarr: bool = False,
     stem: str | None = None,
+    slide_threshold: bool = True,
 ) -> Generator[Record, None, SlideResult]:
     """Segment a slide; yields progress records, returns a :class:`SlideResult`.
 
@@ -166,11 +168,16 @@ def iter_segment_slide(
         Also write the labels as ``<stem>_labels.ome.zarr`` (OME-Zarr, NGFF 0.4).
     stem : str, optional
         Output name stem (default: the slide's file stem).
+    slide_threshold : bool
+        Classical baseline only: one haematoxylin threshold for the whole slide (default;
+        :mod:`.classical_threshold`), or False for Otsu per region window (the old
+        behaviour, kept for ``benchmarks/bench_slide.py``'s before/after figure).
 
     Yields
     ------
     dict
-        ``{"stage": "plan", "regions", "regions_total", "done", "tissue_fraction"}``, then
+        ``{"stage": "plan", "regions", "regions_total", "done", "tissue_fraction",
+        "classical_threshold"}``, then
         ``{"stage": "region", "done", "total", "nuclei", "eta_s"}`` per finished region,
         then ``{"stage": "write", "what"}`` per output file.
     """
@@ -204,12 +211,19 @@ def iter_segment_slide(
             tissue_mm2 = slide.shape[0] * slide.shape[1] * slide_mpp**2 / 1e6
     include_downsample = mask_downsample / downsample
     regions, total = plan_regions(shape, region_size, include, include_downsample)
+    threshold = None
+    if model == "classical" and slide_threshold:
+        # Windows at the processing resolution, which the worker hands to the baseline as
+        # its own (scale 1), as here.
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            threshold = classical_threshold(slide, downsample, regions)
     job = SlideJob(
         slide_path=str(slide_path), slide_mpp=slide_mpp, downsample=downsample, model=str(model),
         parts_dir=str(out_dir / f"{stem}.parts"), checkpoint=checkpoint, device=device,
         thresholds=thresholds, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         halo=halo, polygons=None if area is None else [p.tolist() for p in area.polygons],
         threads=0 if scheduler == SERIAL else default_threads(workers), precision=precision,
+        classical_threshold=threshold,
     )
     store = PartStore(out_dir / f"{stem}.parts",
                       _plan_key(slide_path, job, [r.index for r in regions], shape,
@@ -219,7 +233,7 @@ def iter_segment_slide(
     pending = [r for r in regions if r.index not in finished]
     yield {"stage": "plan", "regions": len(regions), "regions_total": total,
            "done": len(finished), "tissue_fraction": tissue_fraction, "mpp": target,
-           "shape": shape}
+           "shape": shape, "classical_threshold": threshold}
 
     nuclei = sum(info.count for info in store.infos(sorted(finished)))
     done = len(finished)
