@@ -83,23 +83,34 @@ def haematoxylin(image_rgb_uint8: np.ndarray, sigma: float = SMOOTH_SIGMA) -> np
     return ndi.gaussian_filter(h, sigma) if sigma > 0 else h
 
 
-def haematoxylin_threshold(images: list[np.ndarray], scale: float = 1.0) -> float:
+def smoothing_margin(scale: float = 1.0) -> int:
+    """Pixels by which the haematoxylin smoothing reaches (scipy's 4-sigma kernel radius)."""
+    return int(np.ceil(4.0 * SMOOTH_SIGMA * scale))
+
+
+def haematoxylin_threshold(images: list[np.ndarray], scale: float = 1.0, margin: int = 0
+                           ) -> float:
     """Otsu threshold of the smoothed haematoxylin of several images pooled together.
 
     For one image it is the global threshold :func:`nuclei_mask` computes itself; for
-    samples of a slide it is the threshold of the slide.
+    windows of a slide it is the threshold of the slide.
 
     Parameters
     ----------
     images : list of (H, W, 3) uint8 arrays
     scale : float
         As in :func:`nuclei_mask`.
+    margin : int
+        Pixels cut off each side after smoothing: windows read with
+        :func:`smoothing_margin` extra pixels then pool exactly the values the whole
+        image's smoothing gives there.
 
     Returns
     -------
     float, or NaN when the pooled haematoxylin is constant (nothing to threshold).
     """
-    values = np.concatenate([haematoxylin(image, SMOOTH_SIGMA * scale).ravel()
+    inner = slice(margin, -margin if margin else None)
+    values = np.concatenate([haematoxylin(image, SMOOTH_SIGMA * scale)[inner, inner].ravel()
                              for image in images])
     if values.size == 0 or float(values.max() - values.min()) < 1e-6:
         return float("nan")

@@ -63,11 +63,14 @@ def slide_threshold(slide: Slide, downsample: float, regions: list[Region],
     -------
     float, or None when the samples are blank (each region then uses its own Otsu).
     """
-    from ..inference.classical import haematoxylin_threshold
+    from ..inference.classical import haematoxylin_threshold, smoothing_margin
 
-    images = [slide.read_scaled(y, x, h, w, downsample)
+    # Each window is read with the smoothing's reach around it and cropped after smoothing,
+    # so its values are those of the region's own (larger) window.
+    m = smoothing_margin(scale)
+    images = [slide.read_scaled(y - m, x - m, h + 2 * m, w + 2 * m, downsample)
               for y, x, h, w in sample_windows(regions)]
     if not images:
         return None
-    value = haematoxylin_threshold(images, scale)
+    value = haematoxylin_threshold(images, scale, margin=m)
     return value if np.isfinite(value) else None
