@@ -74,8 +74,10 @@ def test_project_written_ome_zarr_opens_with_levels_mpp_and_reads(mosaic_image, 
         assert slide.mpp == pytest.approx(MONUSEG_MPP)
         assert slide.level_shapes == [level.shape[:2] for level in levels]
         assert slide.downsamples == [1.0, 2.0, 4.0]
-        for k, (y, x, h, w) in enumerate([(100, 200, 64, 80), (37, 11, 200, 150), (0, 0, 256, 256)]):
-            np.testing.assert_array_equal(slide.read(k, y, x, h, w), levels[k][y : y + h, x : x + w])
+        rects = [(100, 200, 64, 80), (37, 11, 200, 150), (0, 0, 256, 256)]
+        for k, (y, x, h, w) in enumerate(rects):
+            np.testing.assert_array_equal(slide.read(k, y, x, h, w),
+                                          levels[k][y : y + h, x : x + w])
         # Past the edge reads as glass, as with every backend.
         edge = slide.read(2, 200, 200, 100, 100)
         np.testing.assert_array_equal(edge[:56, :56], levels[2][200:, 200:])
