@@ -45,8 +45,10 @@ def _check_sample(sample, size, domain):
     assert sample["valid"].shape == (size, size) and sample["valid"].dtype == bool
     assert sample["domain"] == domain
     assert 0 <= sample["image"].min() and sample["image"].max() <= 255
-    # Targets always describe the returned (augmented) labels.
-    np.testing.assert_array_equal(sample["targets"], instance_targets(sample["labels"]))
+    # Targets always describe the returned (augmented) labels: the foreground exactly, the
+    # distances inside the nuclei only.
+    np.testing.assert_array_equal(sample["targets"][0], sample["labels"] > 0)
+    assert np.all(sample["targets"][1:, sample["labels"] == 0] == 0)
 
 
 def test_sample_crop_from_large_images(tnbc_pairs):
@@ -71,6 +73,40 @@ def test_unaugmented_crop_is_a_window_of_the_image(tnbc_pairs):
         and np.array_equal(labels[r : r + 100, c : c + 100], sample["labels"])
         for r, c in hits
     )
+
+
+def test_crop_targets_are_the_whole_images_targets_moved_with_the_crop(tnbc_pairs):
+    """Targets are computed once per image: a crop holds the window of the whole image's
+    targets (a nucleus cut by the crop edge keeps its whole-nucleus distances), and the
+    augmented crop the same window flipped/rotated with the image and labels."""
+    dataset = DomainDataset(tnbc_pairs[:1], domain=0)
+    labels = read_labels(tnbc_pairs[0].label)
+    whole = instance_targets(labels)
+    plain = dataset.sample_crop(np.random.default_rng(11), 200, augment=False)
+    hits = [(r, c) for r in range(labels.shape[0] - 199) for c in range(labels.shape[1] - 199)
+            if np.array_equal(labels[r : r + 200, c : c + 200], plain["labels"])]
+    assert len(hits) == 1
+    r, c = hits[0]
+    # float16 storage: distances in [0, 1] to within 1e-3
+    np.testing.assert_allclose(plain["targets"], whole[:, r : r + 200, c : c + 200], atol=1e-3)
+    cut = instance_targets(plain["labels"])  # what per-crop targets would have been
+    assert np.abs(cut - plain["targets"]).max() > 0.1  # the edge nuclei differ
+    # Same draws up to the window, then the augmentation moves everything together.
+    moved = dataset.sample_crop(np.random.default_rng(11), 200, augment=True)
+    matches = [
+        k for k in range(8)
+        if np.array_equal(_dihedral(plain["labels"], k), moved["labels"])
+        and np.array_equal(_dihedral(np.moveaxis(plain["targets"], 0, -1), k),
+                           np.moveaxis(moved["targets"], 0, -1))
+    ]
+    assert matches
+
+
+def _dihedral(array, k):
+    """The k-th of the 8 flips/rotations of the first two axes."""
+    if k >= 4:
+        array = array[:, ::-1]
+    return np.rot90(array, k % 4, axes=(0, 1))
 
 
 def test_small_image_is_padded_with_a_valid_mask(consep_pairs):

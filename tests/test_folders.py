@@ -59,6 +59,7 @@ def _write_pair(
         (TNBC, 8),
         (DEMO_DATA / "monuseg_train", 10),
         (DEMO_DATA / "monuseg_heldout", 4),
+        (DEMO_DATA / "monuseg_train_20x", 23),  # the demo's training set (JPEG images)
         (CONSEP, 4),
     ],
 )
@@ -210,3 +211,13 @@ def test_binary_label_warning_reaches_the_report(tmp_path):
     assert report.ok
     assert any("a.tif" in w and "binary mask" in w for w in report.warnings)
     assert report.summary()["primary"]["n_nuclei"] == 2
+
+
+def test_the_demo_training_set_is_disjoint_from_every_held_out_image():
+    """The demo evaluates on monuseg_heldout; its 20x training tiles must not include those
+    (or any of benchmarks/bench_quality.py's held-out tiles, which contain them)."""
+    train = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_train_20x")}
+    held_out = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_heldout")}
+    assert held_out and not train & held_out
+    report = check_folders(DEMO_DATA / "monuseg_train_20x", [])
+    assert report.ok, report.problems

@@ -191,6 +191,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["epoch"] for r in read_history(killed)] == ["1", "2", "3", "4"]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    # tiny* defaults average the weights (training.ema): the average resumes too, and the
+    # folder's weights are it
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 12
+    published = torch.load(killed / "weights.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["ema"]["average"][key], b["ema"]["average"][key],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(published[key], b["ema"]["average"][key])
 
 
 # Runs the CLI in each rank and saves the rank's own trainable weights after training (a
@@ -338,6 +346,15 @@ def test_cli_tiny_defaults_train_at_20x_from_40x_data(tmp_path):
     assert result.returncode == 0, result.stderr
     folder = read_model_folder(out)
     assert folder.mpp == 0.5 and folder.train.mpp == 0.25
+    # the tiny* recipe: no adversarial term, averaged weights, clipped gradients
+    assert folder.model.alignment == "none"
+    assert folder.train.ema_decay > 0 and folder.train.grad_clip > 0
+    aligned = tmp_path / "aligned"
+    result = run_cli("train", "--primary", primary, "--aux", aux_folder(tmp_path), "--out", aligned,
+                     "--backbone", "tiny", "--alignment", "cgrl", "--mpp", "0.25",
+                     "--max-steps", "1", "--val-fraction", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert read_model_folder(aligned).model.alignment == "cgrl"  # a given flag wins
 
 
 def test_slide_regions_read_at_the_working_scale_are_not_rescaled_again(tmp_path, monkeypatch):

@@ -227,6 +227,7 @@ def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
         assert model_cfg.backbone == backbone
         assert model_cfg.image_size == defaults["image_size"]
         assert model_cfg.lambda_max == defaults["lambda_max"]
+        assert model_cfg.alignment == defaults["alignment"], backbone
         for key in ("epochs", "steps_per_epoch", "batch_size", "lr", "lr_gamma",
                     "primary_share", "val_fraction"):
             assert getattr(train_cfg, key) == pytest.approx(defaults[key]), (backbone, key)

@@ -33,6 +33,17 @@ MONUSEG_HELDOUT = [
     "TCGA-HE-7128-01Z-00-DX1",
 ]
 TNBC_AUX = ["01_1", "02_1", "03_1", "04_1", "05_1", "06_1", "07_1", "08_1"]
+# The demo's training set: every MoNuSeg training tile outside benchmarks/bench_quality.py's
+# held-out set (which contains MONUSEG_HELDOUT), whole, at 20x (0.5 µm/px: the tiny*
+# backbones' working scale) as JPEG (quality 90): four times the tissue of a 40x crop per
+# file, and the network would shrink 40x data to 20x anyway. Downscaled as training does it
+# (data.dataset.rescale_image / rescale_labels). TCGA slides are JPEG-compressed at source.
+BENCH_HELDOUT = {
+    "TCGA-B0-5711-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1", "TCGA-E2-A14V-01Z-00-DX1",
+    "TCGA-G9-6336-01Z-00-DX1", "TCGA-NH-A8F7-01A-01-TS1", "TCGA-RD-A8N9-01A-01-TS1",
+    "TCGA-G2-A2EK-01A-02-TSB",
+}
+JPEG_QUALITY = 90
 CROP = 512
 # Package sample data: two crops of held-out tiles (so the widgets' demo never shows training data).
 SAMPLES = [("TCGA-B0-5711-01Z-00-DX1", "monuseg_breast"), ("TCGA-G9-6336-01Z-00-DX1", "monuseg_prostate")]
@@ -54,6 +65,22 @@ def save_pair(image, labels, folder: Path, stem: str) -> None:
     tifffile.imwrite(folder / "labels" / f"{stem}.tif", labels, compression="zlib")
 
 
+def save_monuseg_20x(monuseg: Path, folder: Path) -> None:
+    """Whole MoNuSeg training tiles outside the benchmark's held-out set, at 20x."""
+    from napari_amasam.data.dataset import rescale_image, rescale_labels
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    for path in sorted((monuseg / "images").iterdir()):
+        if path.stem in BENCH_HELDOUT:
+            continue
+        image = rescale_image(iio.imread(path)[..., :3], 0.5)
+        labels = rescale_labels(tifffile.imread(monuseg / "labels" / f"{path.stem}.tif"), 0.5)
+        iio.imwrite(folder / "images" / f"{path.stem}.jpg", image, quality=JPEG_QUALITY)
+        labels = relabel_sequential(labels)[0].astype(np.uint16)
+        tifffile.imwrite(folder / "labels" / f"{path.stem}.tif", labels, compression="zlib")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", default=str(HERE.parents[2] / "shared" / "data"))
@@ -68,6 +95,7 @@ def main() -> None:
             img = iio.imread(mon / "images" / f"{name}.png")
             lab = tifffile.imread(mon / "labels" / f"{name}.tif")
             save_pair(*crop_pair(img, lab, CROP), out / split, name)
+    save_monuseg_20x(mon, out / "monuseg_train_20x")
     for name in TNBC_AUX:
         img = iio.imread(shared / "tnbc" / "images" / f"{name}.png")[..., :3]
         lab = tifffile.imread(shared / "tnbc" / "labels" / f"{name}.tif").astype(np.uint16)

@@ -51,7 +51,10 @@ def add_train_parser(sub) -> None:
                    help="ca-sam: add --primary as a new task to MODEL_DIR (no forgetting: earlier "
                         "tasks stay as they are; images are routed to their task by per-task VAEs)")
     p.add_argument("--checkpoint", help="official SAM checkpoint .pth for vit_b/vit_l/vit_h")
-    p.add_argument("--alignment", default="cgrl", choices=["cgrl", "grl", "none"])
+    p.add_argument("--alignment", choices=["cgrl", "grl", "none"],
+                   help="domain alignment with the --aux folders: cgrl (the paper's, default "
+                        "for vit_*), grl, or none (default for tiny*: their random encoders "
+                        "learn better without the adversarial term, benchmarks/README.md)")
     p.add_argument("--decoder-adapter", action="store_true",
                    help="SAM-DA: learnable prompt tokens + adapters in the mask decoder")
     p.add_argument("--alignment-layer", type=int, default=0, metavar="BLOCKS",
@@ -161,16 +164,17 @@ def cmd_train(args) -> int:
                   "weights (download the official .pth once and pass its path)", file=sys.stderr)
         # Per-backbone defaults for every setting not given on the command line.
         defaults = train_defaults(args.backbone)
-        given = {k: getattr(args, k) for k in ("image_size", "lambda_max", "epochs", "steps_per_epoch",
-                                                "batch_size", "lr", "lr_gamma", "primary_share",
-                                                "val_fraction", "model_mpp") if getattr(args, k) is not None}
+        given = {k: getattr(args, k) for k in ("image_size", "alignment", "lambda_max", "epochs",
+                                                "steps_per_epoch", "batch_size", "lr", "lr_gamma",
+                                                "primary_share", "val_fraction", "model_mpp")
+                 if getattr(args, k) is not None}
         settings = {**defaults, **given}
         if args.mpp is None and settings["model_mpp"] is not None:
             print(f"warning: no --mpp: training at the images' own scale, not at the "
                   f"{settings['model_mpp']} µm/px working scale of {args.backbone} (give the "
                   "primary's microns per pixel, e.g. --mpp 0.25 for 40x)", file=sys.stderr)
         model_cfg = ModelConfig(backbone=args.backbone, image_size=settings["image_size"],
-                                alignment=args.alignment, lambda_max=settings["lambda_max"],
+                                alignment=settings["alignment"], lambda_max=settings["lambda_max"],
                                 decoder_adapter=args.decoder_adapter,
                                 alignment_layer_blocks=args.alignment_layer,
                                 trainable_backbone=args.trainable_backbone, kind=args.kind)

@@ -352,6 +352,13 @@ class TrainConfig:
         (``training.continual.calibrate_task_vae``).
     router_vae_steps : int
         CA-SAM: Adam steps per routing-VAE fit (5 fits per task: 4 cross-fits + the kept one).
+    ema_decay : float or None
+        Keep an exponential moving average of the trainable weights with this per-step decay
+        (``training.ema``): validation scores it and the model folder's weights are it.
+        0 = off; None = the backbone's default (``train_defaults``).
+    grad_clip : float or None
+        Clip the gradient's global L2 norm to this before each step; 0 = off; None = the
+        backbone's default.
     """
 
     primary: str = ""
@@ -384,6 +391,8 @@ class TrainConfig:
     continue_from: str | None = None
     router_quantile: float = 0.99
     router_vae_steps: int = 400
+    ema_decay: float | None = None
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.init_from and self.continue_from:
@@ -421,6 +430,10 @@ class TrainConfig:
             raise ConfigError("validation fraction must be in [0, 1)")
         if self.lr <= 0:
             raise ConfigError("learning rate must be positive")
+        _require(self.ema_decay is None or 0.0 <= self.ema_decay < 1.0,
+                 f"EMA decay must be in [0, 1), not {self.ema_decay}")
+        _require(self.grad_clip is None or self.grad_clip >= 0,
+                 f"gradient clip must be 0 (off) or more, not {self.grad_clip}")
 
     @property
     def working_mpp(self) -> float | None:
@@ -462,7 +475,18 @@ def train_defaults(backbone: str) -> dict[str, Any]:
         ``primary_share``, ``val_fraction``, ``model_mpp``.
     """
     if backbone in RANDOM_BACKBONES:
-        return dict(image_size=256, lambda_max=0.1, epochs=14, steps_per_epoch=100, batch_size=4,
-                    lr=1e-3, lr_gamma=0.826, primary_share=0.5, val_fraction=0.1, model_mpp=0.5)
-    return dict(image_size=1024, lambda_max=1.0, epochs=30, steps_per_epoch=0, batch_size=4,
-                lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2, model_mpp=None)
+        return dict(image_size=256, alignment="none", lambda_max=0.1, epochs=19,
+                    steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.869, primary_share=0.5,
+                    val_fraction=0.1, model_mpp=0.5, ema_decay=0.995, grad_clip=1.0)
+    return dict(image_size=1024, alignment="cgrl", lambda_max=1.0, epochs=30, steps_per_epoch=0,
+                batch_size=4, lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2,
+                model_mpp=None, ema_decay=0.0, grad_clip=0.0)
+
+
+def with_backbone_defaults(cfg: TrainConfig, backbone: str) -> TrainConfig:
+    """``cfg`` with the settings it leaves to the backbone (``None``: ``ema_decay``,
+    ``grad_clip``) filled in from :func:`train_defaults`."""
+    defaults = train_defaults(backbone)
+    filled = {name: defaults[name] for name in ("ema_decay", "grad_clip")
+              if getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, **filled) if filled else cfg

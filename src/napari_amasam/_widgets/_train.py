@@ -205,6 +205,7 @@ class TrainWidget(ScrollableDock):
         self.checkpoint.setEnabled(backbone not in RANDOM_BACKBONES)
         defaults = train_defaults(backbone)
         self.image_size.setValue(defaults["image_size"])
+        self.alignment.setCurrentText(defaults["alignment"])
         self.lr.setValue(defaults["lr"])
         self.epochs.setValue(defaults["epochs"])
         self.steps_per_epoch.setValue(defaults["steps_per_epoch"])

@@ -144,7 +144,8 @@ def augment_sample(
     strength: float = PRIMARY_STRENGTH,
     valid: np.ndarray | None = None,
     blur_probability: float = 0.2,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    targets: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
     """Full augmentation of one training crop.
 
     Parameters
@@ -161,17 +162,25 @@ def augment_sample(
         network sees the same black padding as at inference.
     blur_probability : float
         Chance of a mild Gaussian blur.
+    targets : ndarray, optional
+        ``H x W x C`` per-pixel targets computed before cropping; moved with the labels.
 
     Returns
     -------
-    image, labels, valid : ndarray
-        ``H x W x 3`` float32 (0-255), ``H x W`` labels (input dtype), ``H x W`` bool.
+    image, labels, valid[, targets] : ndarray
+        ``H x W x 3`` float32 (0-255), ``H x W`` labels (input dtype), ``H x W`` bool, and
+        the moved targets when given.
     """
     if valid is None:
         valid = np.ones(labels.shape, bool)
-    image, labels, valid = flip_rotate(rng, image, labels, valid)
+    if targets is not None:
+        image, labels, valid, targets = flip_rotate(rng, image, labels, valid, targets)
+    else:
+        image, labels, valid = flip_rotate(rng, image, labels, valid)
     image = hed_jitter(image, rng, strength, mask=valid)
     image = brightness_contrast(image, rng, strength)
     image = random_blur(image, rng, blur_probability)
     image[~valid] = 0.0
+    if targets is not None:
+        return image, labels, valid, targets
     return image, labels, valid

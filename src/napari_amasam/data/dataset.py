@@ -109,6 +109,7 @@ class DomainDataset:
         self.augment_strength = float(augment_strength)
         self.blur_probability = float(blur_probability)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._targets: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -131,14 +132,29 @@ class DomainDataset:
             )
         return self._cache[index]
 
-    def _random_window(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """A ``size``-sided window (or the whole image if smaller) of a random image."""
-        image, labels = self.load(int(rng.integers(len(self))))
+    def targets(self, index: int) -> np.ndarray:
+        """Targets of the whole image ``index`` (``H x W x 3`` float16, cached).
+
+        Computed once per image rather than per crop: the per-object distance transforms are
+        most of a batch's data cost, and a nucleus cut by a crop's edge keeps the distances
+        of the whole nucleus (the crop edge is not its border). float16 holds the [0, 1]
+        distances to 1e-3 at half the memory.
+        """
+        if index not in self._targets:
+            whole = instance_targets(self.load(index)[1])
+            self._targets[index] = np.ascontiguousarray(np.moveaxis(whole, 0, -1), np.float16)
+        return self._targets[index]
+
+    def _random_window(self, rng: np.random.Generator, size: int):
+        """A ``size``-sided window (or the whole image if smaller) of a random image:
+        ``(image, labels, targets)`` views."""
+        index = int(rng.integers(len(self)))
+        image, labels = self.load(index)
         height, width = labels.shape
         top = int(rng.integers(0, height - size + 1)) if height > size else 0
         left = int(rng.integers(0, width - size + 1)) if width > size else 0
         window = (slice(top, top + size), slice(left, left + size))
-        return image[window], labels[window]
+        return image[window], labels[window], (index, window)
 
     def sample_crop(
         self, rng: np.random.Generator, size: int, augment: bool = True
@@ -157,28 +173,33 @@ class DomainDataset:
         Returns
         -------
         dict
-            ``image`` 3 x S x S float32 (0-255), ``targets`` 3 x S x S float32
-            (see :func:`~napari_amasam.data.targets.instance_targets`), ``labels`` S x S int32,
-            ``valid`` S x S bool (False on padding, for losses to ignore), ``domain`` int.
+            ``image`` 3 x S x S float32 (0-255), ``targets`` 3 x S x S float32 (the window
+            of :func:`~napari_amasam.data.targets.instance_targets` of the whole image, moved
+            with the labels; 0 on padding), ``labels`` S x S int32, ``valid`` S x S bool
+            (False on padding, for losses to ignore), ``domain`` int.
         """
         for _ in range(_CROP_ATTEMPTS):
-            image_window, label_window = self._random_window(rng, size)
+            image_window, label_window, where = self._random_window(rng, size)
             if label_window.any():
                 break
         height, width = label_window.shape
         image = np.zeros((size, size, 3), np.uint8)
         labels = np.zeros((size, size), np.int32)
         valid = np.zeros((size, size), bool)
+        targets = np.zeros((size, size, 3), np.float16)
         image[:height, :width] = image_window
         labels[:height, :width] = label_window
         valid[:height, :width] = True
+        index, window = where
+        targets[:height, :width] = self.targets(index)[window]
         if augment:
-            image, labels, valid = augment_sample(
-                image, labels, rng, self.augment_strength, valid, self.blur_probability
+            image, labels, valid, targets = augment_sample(
+                image, labels, rng, self.augment_strength, valid, self.blur_probability,
+                targets=targets,
             )
         return {
             "image": np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32),
-            "targets": instance_targets(labels),
+            "targets": np.ascontiguousarray(np.moveaxis(targets, -1, 0), dtype=np.float32),
             "labels": labels.astype(np.int32, copy=False),
             "valid": valid,
             "domain": self.domain,

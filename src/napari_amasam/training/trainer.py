@@ -24,18 +24,27 @@ import shutil
 import threading
 import time
 from collections.abc import Generator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from ..config import (
+    RANDOM_BACKBONES,
+    ConfigError,
+    ModelConfig,
+    PostprocessConfig,
+    TrainConfig,
+    with_backbone_defaults,
+)
 from ..data.dataset import primary_rows
 from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
 from . import continual
 from . import distributed as dist_utils
+from .ema import WeightAverage
 from .losses import LossWeights, amasam_loss
 from ..model_folder import (
     append_history,
@@ -355,6 +364,9 @@ def train(
     amp_dtype = autocast_dtype(device) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
+    cfg = with_backbone_defaults(cfg, model_cfg.backbone)  # recorded as resolved
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
     start_step, best_dice = 0, -1.0
     work = out  # where this run writes: a staging folder until a new model's first save
     if resume:
@@ -365,6 +377,8 @@ def train(
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step, best_dice = int(state["step"]), float(state["best_dice"])
+        if average is not None and state.get("ema"):
+            average.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         if is_main:
             remove_temp_files(out)  # left by a killed save
@@ -395,11 +409,14 @@ def train(
             "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "epoch": epoch, "best_dice": best_dice, "rng": _rng_state(),
+            "ema": average.state_dict() if average is not None else None,
         }
         atomic_torch_save(state, work / "last.pt")
         if best or not (work / "best.pt").exists():
-            atomic_torch_save(state["model"], work / "best.pt")
-            atomic_torch_save(state["model"], work / "weights.pt")
+            # what validation scored: the averaged weights when averaging is on
+            published = average.weights() if average is not None else state["model"]
+            atomic_torch_save(published, work / "best.pt")
+            atomic_torch_save(published, work / "weights.pt")
         if work != out:  # the new model is complete and loadable: put it in place
             work = publish_folder(work, out)
         return {"stage": "save", "path": str(out), "step": step, "epoch": epoch, "best": best}
@@ -425,11 +442,18 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
+            if average is not None:
+                average.update()
             step += 1
             steps_timed += 1
             # The plotted loss is the segmentation objective; the adversarial domain term is
@@ -448,10 +472,11 @@ def train(
                 metrics: dict[str, Any] = {}
                 is_best = False
                 if is_main and val_items and (epoch % cfg.val_every == 0 or step == total_steps):
-                    validated, val = yield from _until_cancelled(
-                        _iter_validate(model, model_cfg, thresholds, val_items, device, scale,
-                                       cfg.mpp),
-                        cancel)
+                    with average.applied(model) if average is not None else nullcontext():
+                        validated, val = yield from _until_cancelled(
+                            _iter_validate(model, model_cfg, thresholds, val_items, device,
+                                           scale, cfg.mpp),
+                            cancel)
                     if not validated:
                         # Cancelled while validating: this epoch goes unscored, but its
                         # steps are kept (saved below, as at every epoch end).
@@ -511,6 +536,8 @@ def train(
             # folder runs the threshold search again.
             cancelled = True
     if is_main and not cancelled:
+        if average is not None:  # the task's router sees the weights the folder holds
+            model.load_trainable_state_dict(torch_load(out / "weights.pt", "model weights"))
         yield from continual.finish_task(model, cfg, train_pairs, out, device)
     if is_main:
         yield {"stage": "done", "cancelled": cancelled, "step": step, "total_steps": total_steps,
