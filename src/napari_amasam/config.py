@@ -456,23 +456,25 @@ def train_defaults(backbone: str) -> dict[str, Any]:
 
     ``vit_b/l/h`` keep the paper's protocol (method.md 1.3: Adam 1e-4, ExponentialLR 0.98 per
     epoch, 30 epochs of one pass over the primary images, batch 4 with mixed domains, 1024 px,
-    lambda_max 1). The random ``tiny``/``tiny_conv`` backbones learn from scratch on a CPU:
-    the network works at 0.5 µm/px (20x; ``model_mpp``: 40x data are rescaled, so a 256-px
-    crop holds four times the tissue and inference is four times cheaper), 256-px crops, a
-    10x larger learning rate that decays to ~7 % over 14 epochs of 100 steps (1400 steps,
-    1.07 s each measured on a 2-core CPU: about 26 minutes with validation), a mild reversal
-    strength (0.1, so the adversarial term cannot swamp an encoder that is still learning
-    what a nucleus is), and 10 % of the primary images for validation (cheap at 20x). The
-    learning curve on a GPU (benchmarks/README.md) shows the tiny_conv recipe still gaining
-    at 3000 steps: on a CPU the step count is set by the time budget, not by convergence.
+    lambda_max 1, CGRL). The random ``tiny``/``tiny_conv`` backbones learn from scratch on a
+    CPU: the network works at 0.5 µm/px (20x; ``model_mpp``: 40x data are rescaled, so a
+    256-px crop holds four times the tissue and inference is four times cheaper), 256-px
+    crops, a 10x larger learning rate that decays to ~7 % over 19 epochs of 100 steps (1900
+    steps, ~0.55-0.63 s each on a 2-core CPU: about 20-23 minutes with validation and the
+    threshold search), averaged weights (``ema_decay``) and clipped gradients (``grad_clip``),
+    no adversarial alignment (a random encoder still learning what a nucleus is gains from the
+    auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.011 AJI
+    without it, and on a GPU at 3000 steps +0.033), and 10 % of the primary images for
+    validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
     Measured in benchmarks/bench_quality.py.
 
     Returns
     -------
     dict
-        ``image_size`` and ``lambda_max`` (ModelConfig fields) and the TrainConfig fields
-        ``epochs``, ``steps_per_epoch``, ``batch_size``, ``lr``, ``lr_gamma``,
-        ``primary_share``, ``val_fraction``, ``model_mpp``.
+        ``image_size``, ``alignment`` and ``lambda_max`` (ModelConfig fields) and the
+        TrainConfig fields ``epochs``, ``steps_per_epoch``, ``batch_size``, ``lr``,
+        ``lr_gamma``, ``primary_share``, ``val_fraction``, ``model_mpp``, ``ema_decay``,
+        ``grad_clip``.
     """
     if backbone in RANDOM_BACKBONES:
         return dict(image_size=256, alignment="none", lambda_max=0.1, epochs=19,
