@@ -12,6 +12,8 @@ Figures (printed, side by side in one run; nothing is asserted):
    truth. Target: slide path within 0.01 AJI of the image alone. A third run gives every
    region a window holding the whole image, which isolates what stitching (ownership by
    centroid, overlap settling) costs from what a smaller window changes in the segmenter.
+   For the classical baseline a fourth run gives the regions Otsu thresholds of their own
+   windows (the behaviour before the slide-wide threshold): before vs after in one run.
    (An earlier version joined tiles of six patients into one mosaic: the joins between
    unrelated images, and the classical baseline's per-window threshold over them, made
    "slide vs per-tile" measure the mosaic rather than the seams.)
@@ -237,7 +239,9 @@ def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict
     halo covering the whole image, so every region's window holds exactly the pixels of (a)
     and only the region borders, ownership and overlap settling differ: (c) - (a) is what
     the stitching itself costs, (b) - (c) what a smaller window changes in the segmenter's
-    own output (the classical baseline's Otsu threshold is computed per window).
+    own output. For the classical baseline, (d) is (b) with Otsu's threshold computed per
+    region window instead of once for the slide (``slide_threshold=False``, the behaviour
+    before): (b) - (d) is what the slide-wide threshold recovers.
     """
     from napari_amasam.inference.predictor import Predictor
     from napari_amasam.metrics import evaluate_pair
@@ -258,10 +262,13 @@ def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict
         alone = predictor.segment(image, input_mpp=MONUSEG_MPP)
         seconds["alone"] += time.perf_counter() - t0
         runs = {}
-        for kind, halo in (("slide", DEFAULT_HALO), ("whole_window", max(image.shape))):
+        kinds = [("slide", DEFAULT_HALO, True), ("whole_window", max(image.shape), True)]
+        if model == "classical":
+            kinds.append(("window_otsu", DEFAULT_HALO, False))
+        for kind, halo, one_threshold in kinds:
             result = segment_slide(path, model, work / f"real_out_{name}_{kind}",
                                    region_size=region_size, halo=halo, scheduler="serial",
-                                   tissue=False, device="cpu")
+                                   tissue=False, device="cpu", slide_threshold=one_threshold)
             if kind == "slide":
                 seconds["slide"] += result.seconds
             runs[kind] = tifffile.imread(result.labels_path).astype(np.int32)
@@ -271,13 +278,20 @@ def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict
                "slide_vs_alone_agreement": evaluate_pair(alone, runs["slide"])["aji"],
                "whole_window_identical": bool(
                    evaluate_pair(alone, runs["whole_window"])["aji"] == 1.0)}
+        before = ""
+        if "window_otsu" in runs:
+            row["window_otsu"] = evaluate_pair(gt, runs["window_otsu"])["aji"]
+            before = (f", before (Otsu per region window) {row['window_otsu']:.4f} "
+                      f"({row['window_otsu'] - row['alone']:+.4f})")
         rows.append(row)
         print(f"    {stem}: alone {row['alone']:.4f}, slide {row['slide']:.4f} "
               f"({row['slide'] - row['alone']:+.4f}), slide with whole-image windows "
-              f"{row['whole_window']:.4f} ({row['whole_window'] - row['alone']:+.4f})",
+              f"{row['whole_window']:.4f} ({row['whole_window'] - row['alone']:+.4f}){before}",
               flush=True)
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in
-            ("alone", "slide", "whole_window", "slide_vs_alone_agreement")}
+    keys = ["alone", "slide", "whole_window", "slide_vs_alone_agreement"]
+    if all("window_otsu" in r for r in rows):
+        keys.append("window_otsu")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     figures = {"images": rows, "mean": mean, "region_size": region_size,
                "identical_with_whole_windows": sum(r["whole_window_identical"] for r in rows),
                "seconds": seconds}
@@ -287,6 +301,10 @@ def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict
           f"{mean['whole_window']:.4f} ({mean['whole_window'] - mean['alone']:+.4f}; labels "
           f"identical to alone on {figures['identical_with_whole_windows']}/{len(rows)}); "
           f"slide vs alone agreement AJI {mean['slide_vs_alone_agreement']:.4f}", flush=True)
+    if "window_otsu" in mean:
+        print(f"  {name}: slide path before (Otsu per region window) {mean['window_otsu']:.4f} "
+              f"({mean['window_otsu'] - mean['alone']:+.4f}), after (one threshold for the "
+              f"slide) {mean['slide']:.4f} ({mean['slide'] - mean['alone']:+.4f})", flush=True)
     return figures
 
 

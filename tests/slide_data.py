@@ -15,12 +15,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MONUSEG_MPP = 0.25
 
 
-def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float | None, tile: int = 256,
-                         levels: int | None = None) -> Path:
-    """Tiled, zlib-compressed pyramidal (Sub-IFD) BigTIFF with resolution tags when ``mpp``.
-
-    ``image`` is ``(H, W, 3) uint8`` (or an iterator-free array); levels halve by 2x2 means.
-    """
+def pyramid_levels(image: np.ndarray, tile: int = 256, levels: int | None = None
+                   ) -> list[np.ndarray]:
+    """``image`` (``(H, W, 3) uint8``) and its halvings by 2x2 means, finest first."""
     pyramid = [image]
     while (levels is None and max(pyramid[-1].shape[:2]) > 2 * tile) or \
             (levels is not None and len(pyramid) < levels):
@@ -28,6 +25,16 @@ def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float | None, tile:
         h, w = last.shape[0] // 2 * 2, last.shape[1] // 2 * 2
         half = last[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean(axis=(1, 3))
         pyramid.append(np.rint(half).astype(np.uint8))
+    return pyramid
+
+
+def write_pyramidal_tiff(path: Path, image: np.ndarray, mpp: float | None, tile: int = 256,
+                         levels: int | None = None) -> Path:
+    """Tiled, zlib-compressed pyramidal (Sub-IFD) BigTIFF with resolution tags when ``mpp``.
+
+    ``image`` is ``(H, W, 3) uint8`` (or an iterator-free array); levels halve by 2x2 means.
+    """
+    pyramid = pyramid_levels(image, tile, levels)
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for level, data in enumerate(pyramid):
             options = dict(tile=(tile, tile), compression="zlib", photometric="rgb",
@@ -70,3 +77,24 @@ def monuseg_mosaic(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, list]:
         labels[window] = np.where(tile_labels > 0, tile_labels + offset, 0)
         offset += int(tile_labels.max())
     return image, labels, tiles
+
+
+def write_rgb_ome_zarr(path: Path, image: np.ndarray, mpp: float, tile: int = 256,
+                       levels: int | None = None, axes: str = "yxc") -> Path:
+    """The pyramid of :func:`write_pyramidal_tiff` as an OME-Zarr, with the project's writer.
+
+    ``axes`` is ``"yxc"`` (interleaved, as slides store RGB) or ``"cyx"`` (NGFF's order).
+    """
+    from napari_amasam.slide.writers import ome_zarr_levels
+
+    pyramid = pyramid_levels(image, tile, levels)
+    if axes == "cyx":
+        pyramid = [np.moveaxis(level, -1, 0) for level in pyramid]
+    chunks = (tile, tile, 3) if axes == "yxc" else (3, tile, tile)
+    shapes = [level.shape for level in pyramid]
+    downsamples = [image.shape[0] / level.shape[axes.index("y")] for level in pyramid]
+    with ome_zarr_levels(path, shapes, np.uint8, axes, mpp, chunks, "H&E slide",
+                         downsamples, method="mean") as arrays:
+        for array, level in zip(arrays, pyramid, strict=True):
+            array[...] = level
+    return path

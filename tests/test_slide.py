@@ -131,8 +131,9 @@ def test_mosaic_segmentation_matches_per_tile_and_ground_truth(mosaic, mosaic_ru
     for tile_image, tile_gt in tiles:
         per_tile.append(evaluate_pair(tile_gt, predictor.segment(tile_image))["aji"])
     # Region borders at 384 and 768 px cross nuclei and the tile seams at 512 px: the slide
-    # path scores close to segmenting each tile alone (the classical threshold is computed
-    # per window, so contexts differ a little; see benchmarks/bench_slide.py).
+    # path scores close to segmenting each tile alone (the classical threshold is one for
+    # the slide, while each tile alone gets its own: four patients' stains differ a little;
+    # see benchmarks/bench_slide.py for whole images).
     assert slide_aji > 0.40
     assert slide_aji > np.mean(per_tile) - 0.04
     # Progress: one record per region, nuclei counts increasing to the total.
@@ -221,7 +222,9 @@ def test_outputs_pyramid_geojson_csv(mosaic_run):
     label = int(row["label"])
     area_px = int((labels == label).sum())
     assert float(row["area_um2"]) == pytest.approx(area_px * 0.0625, rel=0.05)
-    assert float(row["centroid_x_um"]) == pytest.approx(float(row["centroid_x"]) * 0.25)
+    # (both columns are rounded to 6 significant digits)
+    assert float(row["centroid_x_um"]) == pytest.approx(float(row["centroid_x"]) * 0.25,
+                                                         rel=1e-5)
     assert not list(Path(result.labels_path).parent.glob("*.parts"))  # work folder removed
 
 

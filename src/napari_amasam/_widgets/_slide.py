@@ -160,6 +160,7 @@ class SlideWidget(QWidget):
     def run(self) -> None:
         """Start segmenting with the current settings."""
         from ..slide.pipeline import iter_segment_slide
+        from ..slide.reader import slide_stem
 
         try:
             layer = self._slide_layer()
@@ -168,7 +169,8 @@ class SlideWidget(QWidget):
             report_error(self, exc)
             return
         slide_path = Path(layer.metadata["slide_path"])
-        out = self.out_picker.text() or str(slide_path.parent / f"{slide_path.stem}_nuclei")
+        out = (self.out_picker.text()
+               or str(slide_path.parent / f"{slide_stem(slide_path)}_nuclei"))
         model = self.model_picker.text() or "classical"
         generator = iter_segment_slide(
             slide_path, model, out, mpp=layer.metadata.get("mpp"), roi=area,

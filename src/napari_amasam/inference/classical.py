@@ -6,7 +6,10 @@ yardstick a fine-tuned model has to beat. Steps on an RGB H&E image:
 1. Colour deconvolution (Ruifrok & Johnston, ``skimage.color.rgb2hed``) to the haematoxylin
    channel, where nuclei are bright.
 2. Gaussian smoothing, then a threshold: Otsu on the whole image, relaxed by a local
-   (block mean) threshold so that faint nuclei next to dark ones are not lost.
+   (block mean) threshold so that faint nuclei next to dark ones are not lost. A caller
+   that segments one image in pieces (a slide, region by region) passes one global
+   threshold for all pieces (:func:`haematoxylin_threshold` over samples of the whole),
+   since Otsu on each piece alone would shift with what the piece happens to hold.
 3. Morphological cleanup: opening (removes thin stroma fibres), small objects dropped,
    small holes filled.
 4. Distance-transform watershed to split touching nuclei
@@ -80,8 +83,43 @@ def haematoxylin(image_rgb_uint8: np.ndarray, sigma: float = SMOOTH_SIGMA) -> np
     return ndi.gaussian_filter(h, sigma) if sigma > 0 else h
 
 
+def smoothing_margin(scale: float = 1.0) -> int:
+    """Pixels by which the haematoxylin smoothing reaches (scipy's 4-sigma kernel radius)."""
+    return int(np.ceil(4.0 * SMOOTH_SIGMA * scale))
+
+
+def haematoxylin_threshold(images: list[np.ndarray], scale: float = 1.0, margin: int = 0
+                           ) -> float:
+    """Otsu threshold of the smoothed haematoxylin of several images pooled together.
+
+    For one image it is the global threshold :func:`nuclei_mask` computes itself; for
+    windows of a slide it is the threshold of the slide.
+
+    Parameters
+    ----------
+    images : list of (H, W, 3) uint8 arrays
+    scale : float
+        As in :func:`nuclei_mask`.
+    margin : int
+        Pixels cut off each side after smoothing: windows read with
+        :func:`smoothing_margin` extra pixels then pool exactly the values the whole
+        image's smoothing gives there.
+
+    Returns
+    -------
+    float, or NaN when the pooled haematoxylin is constant (nothing to threshold).
+    """
+    inner = slice(margin, -margin if margin else None)
+    values = np.concatenate([haematoxylin(image, SMOOTH_SIGMA * scale)[inner, inner].ravel()
+                             for image in images])
+    if values.size == 0 or float(values.max() - values.min()) < 1e-6:
+        return float("nan")
+    return float(threshold_otsu(values))
+
+
 def nuclei_mask(
-    image_rgb_uint8: np.ndarray, scale: float = 1.0, min_size: int | None = None
+    image_rgb_uint8: np.ndarray, scale: float = 1.0, min_size: int | None = None,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """Binary nuclei mask from the haematoxylin channel (steps 1-3 of the module doc).
 
@@ -92,6 +130,9 @@ def nuclei_mask(
         0.25 / (input um/px): multiplies lengths, its square areas.
     min_size : int, optional
         Smallest kept component in pixels at 40x (default ``CLASSICAL_POSTPROCESS.min_size``).
+    threshold : float, optional
+        Global haematoxylin threshold (e.g. a slide's, :func:`haematoxylin_threshold`);
+        default (or NaN): Otsu on this image.
 
     Returns
     -------
@@ -100,7 +141,8 @@ def nuclei_mask(
     h = haematoxylin(image_rgb_uint8, SMOOTH_SIGMA * scale)
     if float(h.max() - h.min()) < 1e-6:  # blank image: nothing to threshold
         return np.zeros(h.shape, bool)
-    global_t = threshold_otsu(h)
+    given = threshold is not None and np.isfinite(threshold)
+    global_t = float(threshold) if given else threshold_otsu(h)
     block = max(3, int(round(LOCAL_BLOCK * scale)) | 1)
     local_t = threshold_local(h, block_size=block, method="mean")
     # Lower the global threshold where the neighbourhood is darker than the global level
@@ -122,6 +164,7 @@ def segment_classical(
     image_rgb_uint8: np.ndarray,
     scale: float = 1.0,
     cfg: PostprocessConfig | None = None,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """Segment nuclei in an H&E image without a model.
 
@@ -135,6 +178,9 @@ def segment_classical(
     cfg : PostprocessConfig, optional
         Watershed settings (``method`` is ignored: always the EDT watershed). Defaults to
         :data:`CLASSICAL_POSTPROCESS`.
+    threshold : float, optional
+        Global haematoxylin threshold shared by the pieces of one larger image (see
+        :func:`nuclei_mask`); default: Otsu on this image.
 
     Returns
     -------
@@ -144,5 +190,5 @@ def segment_classical(
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive number, not {scale}")
     cfg = dataclasses.replace(cfg or CLASSICAL_POSTPROCESS, method="edt")
-    mask = nuclei_mask(image_rgb_uint8, scale, cfg.min_size)
+    mask = nuclei_mask(image_rgb_uint8, scale, cfg.min_size, threshold)
     return edt_watershed(mask.astype(np.float32), cfg, scale)

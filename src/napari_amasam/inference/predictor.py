@@ -197,6 +197,7 @@ class Predictor:
         self.data_mpp = _check_mpp(data_mpp, "training data mpp")
         self.model = model
         self._classical_cfg: Any = None
+        self._classical_threshold: float | None = None
         # CA-SAM: post-processing settings per task; an image takes its routed task's
         self.task_thresholds: dict[int, PostprocessConfig] = {}
         if model is not None:
@@ -247,7 +248,8 @@ class Predictor:
         return predictor
 
     @classmethod
-    def classical(cls, cfg: Any = None, mpp: float | None = CLASSICAL_MPP) -> Predictor:
+    def classical(cls, cfg: Any = None, mpp: float | None = CLASSICAL_MPP,
+                  threshold: float | None = None) -> Predictor:
         """The colour-deconvolution baseline behind the same interface.
 
         It produces labels only: :meth:`predict_maps` and :meth:`postprocess` raise, and
@@ -259,9 +261,13 @@ class Predictor:
             Settings passed to ``classical.segment_classical`` (None: its defaults).
         mpp : float or None
             Resolution its pixel constants assume (40x by default).
+        threshold : float, optional
+            Haematoxylin threshold for every image (a slide's, shared by its regions);
+            default: Otsu on each image.
         """
         predictor = cls(None, None, None, mpp, "cpu", "fp32")
         predictor._classical_cfg = cfg
+        predictor._classical_threshold = threshold
         return predictor
 
     @property
@@ -530,7 +536,8 @@ class Predictor:
             rgb = as_rgb_uint8(image, "image")
             scale = self._scale_for(input_mpp)
             yield {"stage": "postprocess"}
-            labels = segment_classical(rgb, scale=scale, cfg=self._classical_cfg)
+            labels = segment_classical(rgb, scale=scale, cfg=self._classical_cfg,
+                                       threshold=self._classical_threshold)
             return SegmentResult(np.asarray(labels, dtype=np.int32), None)
         maps = yield from self.iter_predict_maps(
             image,

@@ -4,8 +4,10 @@ Modules (one concept each)::
 
     mpp.py        microns per pixel from slide metadata
     reader.py     open a slide (OpenSlide or tifffile+zarr), read regions at any resolution
+    ome_zarr.py   an OME-Zarr folder (NGFF multiscales) as a slide
     tissue.py     tissue mask at a low resolution (glass is skipped)
     regions.py    the area to segment (tissue / user polygons) cut into region tasks
+    classical_threshold.py  the classical baseline's one threshold for a whole slide
     worker.py     one region: read with a halo, Predictor, keep owned nuclei, part file
     parts.py      finished regions on disk, resume
     scheduler.py  Dask distributed (LocalCluster or --scheduler ADDRESS), or serial

@@ -1,7 +1,8 @@
 """``napari-amasam segment SLIDE ...``: the slide branch of the segment command.
 
-``cli.cmd_segment`` hands slide inputs (vendor formats, pyramidal or very large TIFFs; see
-``reader.is_slide_file``) to :func:`segment_slides` and keeps plain images for itself.
+``cli.cmd_segment`` hands slide inputs (vendor formats, pyramidal or very large TIFFs,
+OME-Zarr folders; see ``reader.is_slide_file``) to :func:`segment_slides` and keeps plain
+images for itself.
 Progress goes to stderr (one line per finished region, or a live line on a terminal).
 """
 
@@ -18,7 +19,7 @@ from .reader import is_slide_file
 def add_slide_arguments(parser) -> None:
     """The slide-only flags of ``segment`` (ignored for plain images)."""
     group = parser.add_argument_group(
-        "whole-slide images (.svs, .ndpi, .mrxs, .scn, pyramidal TIFF)")
+        "whole-slide images (.svs, .ndpi, .mrxs, .scn, pyramidal TIFF, OME-Zarr folder)")
     group.add_argument("--roi", metavar="GEOJSON",
                        help="segment only inside these polygons (level-0 pixel coordinates)")
     group.add_argument("--no-tissue-detection", action="store_true",
@@ -38,7 +39,8 @@ def split_slides(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """(slide files, other inputs) of the command line's inputs, order kept."""
     slides, others = [], []
     for item in inputs:
-        (slides if Path(item).is_file() and is_slide_file(item) else others).append(item)
+        # Files, or OME-Zarr folders (a plain folder is a folder of images).
+        (slides if Path(item).exists() and is_slide_file(item) else others).append(item)
     return [Path(s) for s in slides], others
 
 

@@ -6,7 +6,8 @@ Sources, in the order tried:
   OpenSlide knows that records a resolution);
 - OME-XML ``PhysicalSizeX`` / ``PhysicalSizeY`` with their units (OME-TIFF);
 - the Aperio ``MPP = ...`` field of an SVS ImageDescription (when read without OpenSlide);
-- the TIFF ``XResolution`` / ``YResolution`` tags with ``ResolutionUnit`` inch or centimetre.
+- the TIFF ``XResolution`` / ``YResolution`` tags with ``ResolutionUnit`` inch or centimetre;
+- for OME-Zarr, the NGFF multiscales ``scale`` of the ``y`` / ``x`` axes with their ``unit``.
 
 Many plain TIFFs carry a placeholder resolution (72 or 1 dots per inch, i.e. 353 or 25400
 microns per pixel); values outside :data:`PLAUSIBLE_MPP` are treated as absent, so such a
@@ -25,6 +26,9 @@ PLAUSIBLE_MPP = (0.02, 20.0)
 _UNIT_TO_UM = {
     "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "nm": 1e-3,
     "micron": 1.0, "microns": 1.0,
+    # NGFF axis units (UDUNITS-2 names).
+    "meter": 1e6, "centimeter": 1e4, "millimeter": 1e3, "micrometer": 1.0, "nanometer": 1e-3,
+    "angstrom": 1e-4,
 }
 
 
@@ -115,3 +119,26 @@ def mpp_from_tiff_resolution(
         return um_per_unit / float(resolution) if resolution else None
 
     return _mean_xy(to_mpp(x_resolution), to_mpp(y_resolution))
+
+
+def mpp_from_ngff(unit_y: str | None, unit_x: str | None, scale_y: float,
+                  scale_x: float) -> tuple[float | None, str]:
+    """Microns per pixel from an NGFF level's ``y`` / ``x`` scale and the axes' units.
+
+    Returns
+    -------
+    (mpp or None, why it is None: ``""`` when found)
+    """
+    factors = []
+    for name, unit in (("y", unit_y), ("x", unit_x)):
+        if not unit:
+            return None, f"axis {name} has no unit"
+        factor = _UNIT_TO_UM.get(str(unit).lower())
+        if factor is None:
+            return None, f"axis {name} has unit {unit!r}, not a length"
+        factors.append(factor)
+    value = _mean_xy(scale_y * factors[0], scale_x * factors[1])
+    if value is None:
+        return None, (f"scale {scale_y * factors[0]:.4g} x {scale_x * factors[1]:.4g} µm per "
+                      f"pixel is outside {PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]}")
+    return value, ""

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AmaSamError
+from .classical_threshold import slide_threshold as classical_threshold
+from .ome_zarr import stamp_file
 from .ownership import settle_overlaps
 from .parts import PART_FORMAT, PartStore
-from .reader import SlideError, _suffix, open_slide
+from .reader import SlideError, open_slide, slide_stem
 from .regions import Area, check_inside, plan_regions, read_roi
 from .scheduler import SERIAL, default_threads, run_tasks
 from .tissue import TISSUE_MPP, detect_tissue
@@ -92,7 +94,9 @@ def model_mpp(model: str) -> float | None:
 
 
 def _plan_key(slide_path: Path, job: SlideJob, regions: list[int], shape, extra: dict) -> dict:
-    stat = slide_path.stat()
+    # An OME-Zarr folder is stamped by its metadata file (the folder's own time changes
+    # only when entries come or go).
+    stat = (stamp_file(slide_path) if slide_path.is_dir() else slide_path).stat()
     model = Path(job.model)
     model_stamp = None
     if job.model != "classical":
@@ -130,13 +134,14 @@ def iter_segment_slide(
     csv: bool = True,
     ome_zarr: bool = False,
     stem: str | None = None,
+    slide_threshold: bool = True,
 ) -> Generator[Record, None, SlideResult]:
     """Segment a slide; yields progress records, returns a :class:`SlideResult`.
 
     Parameters
     ----------
     slide_path : str or Path
-        A vendor slide or (pyramidal) TIFF.
+        A vendor slide, a (pyramidal) TIFF or an OME-Zarr folder.
     model : str
         Model folder or ``"classical"``.
     out_dir : str or Path
@@ -163,19 +168,23 @@ def iter_segment_slide(
         Also write the labels as ``<stem>_labels.ome.zarr`` (OME-Zarr, NGFF 0.4).
     stem : str, optional
         Output name stem (default: the slide's file stem).
+    slide_threshold : bool
+        Classical baseline only: one haematoxylin threshold for the whole slide (default;
+        :mod:`.classical_threshold`), or False for Otsu per region window (the old
+        behaviour, kept for ``benchmarks/bench_slide.py``'s before/after figure).
 
     Yields
     ------
     dict
-        ``{"stage": "plan", "regions", "regions_total", "done", "tissue_fraction"}``, then
+        ``{"stage": "plan", "regions", "regions_total", "done", "tissue_fraction",
+        "classical_threshold"}``, then
         ``{"stage": "region", "done", "total", "nuclei", "eta_s"}`` per finished region,
         then ``{"stage": "write", "what"}`` per output file.
     """
     started = time.monotonic()
     slide_path = Path(slide_path)
     out_dir = Path(out_dir)
-    suffix = _suffix(slide_path)
-    stem = stem or (slide_path.name[: -len(suffix)] if suffix else slide_path.name)
+    stem = stem or slide_stem(slide_path)
     with open_slide(slide_path, mpp=mpp) as slide:
         slide_mpp = slide.mpp
         target = process_mpp or model_mpp(model) or slide_mpp
@@ -202,12 +211,19 @@ def iter_segment_slide(
             tissue_mm2 = slide.shape[0] * slide.shape[1] * slide_mpp**2 / 1e6
     include_downsample = mask_downsample / downsample
     regions, total = plan_regions(shape, region_size, include, include_downsample)
+    threshold = None
+    if model == "classical" and slide_threshold:
+        # Windows at the processing resolution, which the worker hands to the baseline as
+        # its own (scale 1), as here.
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            threshold = classical_threshold(slide, downsample, regions)
     job = SlideJob(
         slide_path=str(slide_path), slide_mpp=slide_mpp, downsample=downsample, model=str(model),
         parts_dir=str(out_dir / f"{stem}.parts"), checkpoint=checkpoint, device=device,
         thresholds=thresholds, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         halo=halo, polygons=None if area is None else [p.tolist() for p in area.polygons],
         threads=0 if scheduler == SERIAL else default_threads(workers), precision=precision,
+        classical_threshold=threshold,
     )
     store = PartStore(out_dir / f"{stem}.parts",
                       _plan_key(slide_path, job, [r.index for r in regions], shape,
@@ -217,7 +233,7 @@ def iter_segment_slide(
     pending = [r for r in regions if r.index not in finished]
     yield {"stage": "plan", "regions": len(regions), "regions_total": total,
            "done": len(finished), "tissue_fraction": tissue_fraction, "mpp": target,
-           "shape": shape}
+           "shape": shape, "classical_threshold": threshold}
 
     nuclei = sum(info.count for info in store.infos(sorted(finished)))
     done = len(finished)

@@ -9,6 +9,7 @@ Two backends behind one :class:`Slide` interface:
   the series' pyramid levels, read lazily through ``aszarr``). Used first for ``.tif`` /
   ``.tiff`` and as the fallback when OpenSlide is not installed or refuses a file
   (tifffile also reads SVS and NDPI).
+- :class:`~.ome_zarr.OmeZarrSlide`: an OME-Zarr folder (NGFF multiscales), through zarr.
 
 Coordinates are ``(row, col)`` = ``(y, x)`` like numpy; a level's pixel ``(r, c)`` covers
 level-0 pixels ``[r*d, (r+1)*d) x [c*d, (c+1)*d)`` with ``d`` its downsample. Pixels
@@ -55,10 +56,17 @@ class SlideError(DataError):
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    for double in (".ome.tif", ".ome.tiff"):
+    for double in (".ome.tif", ".ome.tiff", ".ome.zarr"):
         if name.endswith(double):
             return double
     return path.suffix.lower()
+
+
+def slide_stem(path: str | Path) -> str:
+    """The name without its (double) suffix: ``a.ome.zarr`` -> ``a``, ``b.svs`` -> ``b``."""
+    path = Path(path)
+    suffix = _suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
 
 
 class Slide:
@@ -74,10 +82,13 @@ class Slide:
     mpp : float or None
         Microns per level-0 pixel (metadata, or the value passed to :func:`open_slide`).
     backend : str
-        ``"openslide"`` or ``"tifffile"``.
+        ``"openslide"``, ``"tifffile"`` or ``"ome-zarr"``.
+    mpp_note : str
+        Why the metadata gave no mpp, when the format can say (appended to the error).
     """
 
     backend = ""
+    mpp_note = ""
 
     def __init__(self, path: Path, level_shapes, downsamples, mpp: float | None):
         self.path = path
@@ -425,6 +436,7 @@ def open_slide(path: str | Path, mpp: float | None = None, require_mpp: bool = T
     Parameters
     ----------
     path : str or Path
+        A slide file, or an OME-Zarr folder.
     mpp : float, optional
         Microns per level-0 pixel; overrides the metadata.
     require_mpp : bool
@@ -436,18 +448,24 @@ def open_slide(path: str | Path, mpp: float | None = None, require_mpp: bool = T
         Missing file, unsupported or corrupt format, no resolution.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SlideError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise SlideError(path, "empty file")
-    check_tiff_complete(path)
-    tiff_first = _suffix(path) in TIFF_SUFFIXES
-    openers = (_open_tifffile, _open_openslide) if tiff_first else (_open_openslide, _open_tifffile)
     slide = None
-    for opener in openers:
-        slide = opener(path)
-        if slide is not None:
-            break
+    if path.is_dir():
+        from .ome_zarr import open_ome_zarr
+
+        slide = open_ome_zarr(path)
+    elif not path.is_file():
+        raise SlideError(path, "no such file")
+    elif path.stat().st_size == 0:
+        raise SlideError(path, "empty file")
+    else:
+        check_tiff_complete(path)
+        tiff_first = _suffix(path) in TIFF_SUFFIXES
+        openers = ((_open_tifffile, _open_openslide) if tiff_first
+                   else (_open_openslide, _open_tifffile))
+        for opener in openers:
+            slide = opener(path)
+            if slide is not None:
+                break
     if slide is None:
         hint = ""
         try:
@@ -463,8 +481,9 @@ def open_slide(path: str | Path, mpp: float | None = None, require_mpp: bool = T
                 raise SlideError(path, f"mpp must be a positive number, not {mpp}")
             slide.mpp = value
         if require_mpp and slide.mpp is None:
-            raise SlideError(path, "no microns-per-pixel in its metadata; give it with --mpp "
-                                   "(e.g. 0.25 at 40x, 0.5 at 20x)")
+            why = f" ({slide.mpp_note})" if slide.mpp_note else ""
+            raise SlideError(path, f"no microns-per-pixel in its metadata{why}; give it with "
+                                   "--mpp (e.g. 0.25 at 40x, 0.5 at 20x)")
         # A first pixel read catches truncated files before any work is planned.
         level = len(slide.level_shapes) - 1
         slide.read(level, 0, 0, 1, 1)
@@ -475,11 +494,16 @@ def open_slide(path: str | Path, mpp: float | None = None, require_mpp: bool = T
 
 
 def is_slide_file(path: str | Path) -> bool:
-    """True for vendor slide suffixes and for TIFFs that are pyramidal or very large.
+    """True for vendor slide suffixes, TIFFs that are pyramidal or very large, and Zarr folders.
 
-    Small plain TIFFs stay with the ordinary image path (read whole).
+    Small plain TIFFs stay with the ordinary image path (read whole). Any ``*.zarr`` folder
+    counts, so one that is not an RGB OME-Zarr gets its problem reported in one line.
     """
     path = Path(path)
+    if path.is_dir():
+        from .ome_zarr import is_zarr_folder
+
+        return is_zarr_folder(path)
     suffix = _suffix(path)
     if suffix in VENDOR_SUFFIXES:
         return True

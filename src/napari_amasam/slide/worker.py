@@ -53,6 +53,9 @@ class SlideJob:
         Torch CPU threads in the worker (0 = leave torch's default).
     precision : str or None
         ``fp32``, ``bf16``, ``auto`` or None (the model folder's).
+    classical_threshold : float or None
+        The classical baseline's haematoxylin threshold for every region (computed once
+        for the slide, :mod:`.classical_threshold`); None: Otsu per region window.
     """
 
     slide_path: str
@@ -70,6 +73,7 @@ class SlideJob:
     polygons: list | None = field(default=None, hash=False)
     threads: int = 0
     precision: str | None = None
+    classical_threshold: float | None = None
 
 
 _CACHE: dict[str, Any] = {}
@@ -91,14 +95,14 @@ def _slide(job: SlideJob):
 def _predictor(job: SlideJob):
     from ..inference.predictor import Predictor
 
-    key = (job.model, job.checkpoint, job.device, job.precision)
+    key = (job.model, job.checkpoint, job.device, job.precision, job.classical_threshold)
     if _CACHE.get("predictor_key") != key:
         if job.threads > 0:
             import torch
 
             torch.set_num_threads(job.threads)
         if job.model == "classical":
-            predictor = Predictor.classical()
+            predictor = Predictor.classical(threshold=job.classical_threshold)
         else:
             predictor = Predictor.from_folder(job.model, checkpoint=job.checkpoint,
                                               device=job.device, precision=job.precision)

@@ -5,7 +5,8 @@
   (so it opens at the right scale), readable whole by ``tifffile.imread`` and lazily by
   ``tifffile.imread(..., aszarr=True)`` (a zarr group ``"0"``, ``"1"``, ...). Levels halve
   by nearest-neighbour subsampling, so ids stay ids.
-- :func:`write_labels_ome_zarr` (optional): the same levels as an OME-Zarr (NGFF 0.4).
+- :func:`write_labels_ome_zarr` (optional): the same levels as an OME-Zarr (NGFF 0.4),
+  through :func:`ome_zarr_levels` (any multiscale image: also RGB, which slides open).
 - :func:`write_geojson` : QuPath detections with polygons in level-0 slide pixels.
 - :func:`write_csv` : one row per nucleus, measurements in µm and µm².
 
@@ -16,6 +17,7 @@ temporary file and renames it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -135,13 +137,87 @@ def write_labels_pyramid(path: str | Path, shape: tuple[int, int], parts: list[P
     return _atomic_write(path, write)
 
 
+@contextlib.contextmanager
+def ome_zarr_levels(path: str | Path, level_shapes: list[tuple[int, ...]], dtype, axes: str,
+                    mpp: float, chunks: tuple[int, ...], description: str = "",
+                    downsamples: list[float] | None = None, method: str = "subsample"
+                    ) -> Iterator[list]:
+    """Create an OME-Zarr (NGFF 0.4) multiscale image; the caller fills its level arrays.
+
+    Written into a temporary folder renamed to ``path`` when the ``with`` block ends without
+    an error (removed otherwise), so a ``.zarr`` folder that exists is finished.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.zarr`` folder (replaced if it exists).
+    level_shapes : list of tuple
+        Finest first, one size per axis.
+    dtype : numpy dtype
+    axes : str
+        Axis names in array order, from ``"yxc"`` (e.g. ``"yx"``, ``"cyx"``, ``"yxc"``);
+        ``y`` and ``x`` are in micrometres. NGFF 0.4 puts channels before space (``cyx``);
+        ``yxc`` (interleaved RGB, as slides store it) is what slide readers, this project's
+        included, also open.
+    mpp : float
+        Microns per level-0 pixel; level ``k`` gets ``mpp * downsamples[k]``.
+    chunks : tuple of int
+        Zstd-compressed chunk shape.
+    downsamples : list of float, optional
+        Level-0 pixels per level pixel (default ``2**k``).
+    method : str
+        How the levels were made (NGFF ``type``): ``"subsample"`` (ids), ``"mean"`` (pixels).
+
+    Yields
+    ------
+    list of zarr arrays, one per level (zero-filled until written).
+    """
+    import shutil
+    import tempfile
+
+    import zarr
+
+    path = Path(path)
+    downsamples = downsamples or [2.0**k for k in range(len(level_shapes))]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        # NGFF 0.4 sits on the Zarr v2 format, which every OME-Zarr reader opens.
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        arrays = [root.create_array(str(level), shape=shape, dtype=dtype, chunks=chunks,
+                                    fill_value=0)
+                  for level, shape in enumerate(level_shapes)]
+        yield arrays
+
+        def axis(name: str) -> dict:
+            if name == "c":
+                return {"name": "c", "type": "channel"}
+            return {"name": name, "type": "space", "unit": "micrometer"}
+
+        root.attrs["multiscales"] = [{
+            "version": "0.4",
+            "name": path.name.split(".")[0],
+            "axes": [axis(name) for name in axes],
+            "datasets": [{"path": str(level), "coordinateTransformations": [
+                {"type": "scale",
+                 "scale": [1.0 if name == "c" else mpp * d for name in axes]}]}
+                for level, d in enumerate(downsamples)],
+            "type": method,
+            "metadata": {"description": description},
+        }]
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_labels_ome_zarr(path: str | Path, shape: tuple[int, int], parts: list[PartInfo],
                           mpp: float) -> Path:
     """Write the slide's labels as an OME-Zarr (NGFF 0.4) multiscale image, strip by strip.
 
     The same levels as :func:`write_labels_pyramid` (uint32 ids, halving by subsampling),
-    ``TILE``-square zstd chunks, axes ``y, x`` in micrometres. Written into a temporary
-    folder renamed when complete, so a ``.zarr`` folder that exists is finished.
+    ``TILE``-square zstd chunks, axes ``y, x`` in micrometres (see :func:`ome_zarr_levels`).
 
     Parameters
     ----------
@@ -150,41 +226,14 @@ def write_labels_ome_zarr(path: str | Path, shape: tuple[int, int], parts: list[
     shape, parts, mpp
         As :func:`write_labels_pyramid`.
     """
-    import shutil
-    import tempfile
-
-    import zarr
-
-    path = Path(path)
     shapes = pyramid_shapes(shape)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        # NGFF 0.4 sits on the Zarr v2 format, which every OME-Zarr reader opens.
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        for level, level_shape in enumerate(shapes):
-            array = root.create_array(str(level), shape=level_shape, dtype=np.uint32,
-                                      chunks=(TILE, TILE), fill_value=0)
+    with ome_zarr_levels(path, shapes, np.uint32, "yx", mpp, (TILE, TILE),
+                         "napari-amasam nuclei instance labels") as arrays:
+        for level, (array, level_shape) in enumerate(zip(arrays, shapes, strict=True)):
             for row0, strip in _level_strips(level_shape, 2**level, parts):
                 rows = min(strip.shape[0], level_shape[0] - row0)
                 array[row0 : row0 + rows] = strip[:rows, : level_shape[1]]
-        root.attrs["multiscales"] = [{
-            "version": "0.4",
-            "name": path.stem,
-            "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
-                     {"name": "x", "type": "space", "unit": "micrometer"}],
-            "datasets": [{"path": str(level), "coordinateTransformations": [
-                {"type": "scale", "scale": [mpp * 2**level, mpp * 2**level]}]}
-                for level in range(len(shapes))],
-            "type": "subsample",
-            "metadata": {"description": "napari-amasam nuclei instance labels"},
-        }]
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _nuclei(parts: list[PartInfo]) -> Iterator[tuple[int, dict, dict]]:
