@@ -536,8 +536,6 @@ def train(
             # folder runs the threshold search again.
             cancelled = True
     if is_main and not cancelled:
-        if average is not None:  # the task's router sees the weights the folder holds
-            model.load_trainable_state_dict(torch_load(out / "weights.pt", "model weights"))
         yield from continual.finish_task(model, cfg, train_pairs, out, device)
     if is_main:
         yield {"stage": "done", "cancelled": cancelled, "step": step, "total_steps": total_steps,
