@@ -71,3 +71,13 @@ def run_cli(*args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def drain(generator):
+    """Run a progress generator to the end: (list of its records, its return value)."""
+    records = []
+    while True:
+        try:
+            records.append(next(generator))
+        except StopIteration as stop:
+            return records, stop.value

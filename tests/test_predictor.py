@@ -20,6 +20,7 @@ from napari_amasam.inference.predictor import Maps, Predictor
 from napari_amasam.inference.tiling import tile_grid
 
 from .helpers import MONUSEG as MONUSEG_DIR
+from .helpers import drain
 
 MONUSEG = sorted(str(p) for p in (MONUSEG_DIR / "images").glob("*.png"))
 
@@ -78,16 +79,6 @@ def _disc_image(height, width, centres, radius=10):
         image[disc] = 60
         truth[disc] = label
     return image, truth
-
-
-def _drain(generator):
-    """Run a progress generator to the end: (list of its records, its return value)."""
-    records = []
-    while True:
-        try:
-            records.append(next(generator))
-        except StopIteration as stop:
-            return records, stop.value
 
 
 def _dice(a, b):
@@ -171,7 +162,7 @@ def test_progress_records_and_generator_return():
     predictor = _predictor()
     expected_total = len(tile_grid(300, 517, 128, 32))
     generator = predictor.iter_segment(image, tile_size=128, overlap=32, batch_size=3)
-    records, result = _drain(generator)
+    records, result = drain(generator)
     tile_records = [r for r in records if r["stage"] == "tile"]
     assert records[-1] == {"stage": "postprocess"}
     assert [r["done"] for r in tile_records] == sorted({min(i, expected_total) for i in range(3, expected_total + 3, 3)})
@@ -215,7 +206,7 @@ def test_mpp_rescaling_returns_maps_at_the_original_size():
     image, truth = _disc_image(240, 330, [(120, 100), (60, 250)], radius=16)
     predictor = _predictor(mpp=0.5)
     generator = predictor.iter_predict_maps(image, tile_size=128, overlap=32, input_mpp=0.25)
-    records, maps = _drain(generator)
+    records, maps = drain(generator)
     # The network saw a half-size image (120 x 165): two tiles, not the six of full size.
     assert records[-1]["total"] == len(tile_grid(120, 165, 128, 32)) == 2
     assert maps.foreground.shape == (240, 330) and maps.foreground.dtype == np.float32
@@ -284,7 +275,7 @@ def test_classical_predictor_segments_monuseg():
     image = read_image(image_path)[:400, :400]
     truth = read_labels(label_path)[:400, :400]
     generator = Predictor.classical().iter_segment(image)
-    records, result = _drain(generator)
+    records, result = drain(generator)
     assert records == [{"stage": "postprocess"}] and result.maps is None
     assert result.labels.shape == (400, 400) and result.labels.dtype == np.int32
     # A colour-deconvolution baseline finds most nuclei pixels on real H&E.
@@ -318,7 +309,7 @@ def test_real_tiny_model_from_folder_segments_odd_sized_images(tiny_model_folder
     assert predictor.mpp == 0.5 and predictor.thresholds.foreground_threshold == 0.4
     image = monuseg_crop[:150, :203]
     generator = predictor.iter_segment(image, batch_size=8)
-    records, result = _drain(generator)
+    records, result = drain(generator)
     # Tile 64, default overlap 32: 4 x 6 tiles.
     assert records[-2] == {"stage": "tile", "done": 24, "total": 24}
     maps = result.maps

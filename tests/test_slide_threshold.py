@@ -16,6 +16,7 @@ from napari_amasam.inference.classical import (
     segment_classical,
 )
 from napari_amasam.slide.parts import PLAN_FILE
+from tests.helpers import drain
 from tests.slide_data import MONUSEG_MPP, monuseg_mosaic, write_pyramidal_tiff
 
 
@@ -28,15 +29,6 @@ def test_threshold_of_one_image_is_its_own_otsu():
     # A given threshold is used as given: a higher one keeps fewer nuclei pixels.
     assert (segment_classical(image, threshold=own * 1.3) > 0).sum() < \
         (segment_classical(image) > 0).sum()
-
-
-def _drain(generator):
-    records = []
-    while True:
-        try:
-            records.append(next(generator))
-        except StopIteration as stop:
-            return records, stop.value
 
 
 def test_regions_of_one_slide_use_one_threshold(tmp_path):
@@ -57,7 +49,7 @@ def test_regions_of_one_slide_use_one_threshold(tmp_path):
     generator.close()
     recorded = json.loads((out / "two.parts" / PLAN_FILE).read_text())["plan"]["job"]
     assert recorded["classical_threshold"] == threshold  # part of what the regions depend on
-    records, result = _drain(iter_segment_slide(path, "classical", out, **kwargs))
+    records, result = drain(iter_segment_slide(path, "classical", out, **kwargs))
     assert records[0]["done"] == 1 and records[0]["classical_threshold"] == threshold
     # The samples are the two cores, i.e. the whole slide, smoothed in context: the whole
     # image's own Otsu threshold.
