@@ -1027,3 +1027,28 @@ def test_train_status_says_what_follows_the_last_step(make_napari_viewer):
     assert "eta 3 s" in train.status.text()
     train._on_record({**record, "step": 10, "eta_s": 0.0})
     assert "eta" not in train.status.text() and "validating" in train.status.text()
+
+
+def test_train_widget_saves_the_users_choices_not_a_backbones_defaults(make_napari_viewer):
+    """A backbone's defaults are shown, never stored as settings (else a fresh window would
+    train tiny_conv with a stale stored alignment or epoch count); a user's edit is stored."""
+    from napari import settings as napari_settings
+    from napari.settings import get_plugin_settings
+
+    from napari_amasam.config import train_defaults
+
+    viewer = make_napari_viewer()
+    train = _dock(viewer, "Train")
+    for backbone in ("vit_b", "tiny_conv"):
+        train.backbone.setCurrentText(backbone)
+    assert train.alignment.currentText() == train_defaults("tiny_conv")["alignment"] == "none"
+    stored = get_plugin_settings(PLUGIN).train
+    assert stored.alignment == "" and stored.epochs == 0  # nothing of the defaults saved
+    train.alignment.setCurrentText("cgrl")  # the user's choice
+    assert get_plugin_settings(PLUGIN).train.alignment == "cgrl"
+    viewer.close()
+    napari_settings._clear_plugin_settings_cache()
+    again = _dock(make_napari_viewer(), "Train")
+    assert again.backbone.currentText() == "tiny_conv"
+    assert again.alignment.currentText() == "cgrl"
+    assert again.epochs.value() == train_defaults("tiny_conv")["epochs"]

@@ -11,11 +11,28 @@ here quietly does nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
 
 log = logging.getLogger(__name__)
+
+# > 0 while a widget fills its controls with computed defaults (e.g. a backbone's): those
+# changes are not the user's choices and are not saved
+_defaults_being_applied = 0
+
+
+@contextmanager
+def applying_defaults() -> Iterator[None]:
+    """Within this block, control changes are not saved as settings."""
+    global _defaults_being_applied
+    _defaults_being_applied += 1
+    try:
+        yield
+    finally:
+        _defaults_being_applied -= 1
 PLUGIN = "napari-amasam"
 #: How many model folders the picker remembers.
 RECENT_MODELS = 8
@@ -96,6 +113,8 @@ def bind(group_name: str, key: str, control: QWidget, unset: Any = None) -> None
         _apply(control, stored)
 
     def save(*_: Any) -> None:
+        if _defaults_being_applied:
+            return
         try:
             setattr(group, key, _value(control))
         except Exception as exc:  # a value napari's model rejects: keep the old one

@@ -31,7 +31,7 @@ from ._common import (
 )
 from ._layout import ScrollableDock, Section, tip
 from ._plot import TrainingPlot
-from ._settings import bind
+from ._settings import applying_defaults, bind
 from ._workers import Job
 
 def default_backbone() -> str:
@@ -194,7 +194,7 @@ class TrainWidget(ScrollableDock):
         self._backbone_changed(self.backbone.currentText())
         bind("train", "backbone", self.backbone, unset="")
         bind("train", "checkpoint", self.checkpoint)
-        bind("train", "alignment", self.alignment)
+        bind("train", "alignment", self.alignment, unset="")
         bind("train", "epochs", self.epochs, unset=0)
         bind("train", "batch_size", self.batch_size, unset=0)
         bind("train", "learning_rate", self.lr, unset=0.0)
@@ -204,14 +204,16 @@ class TrainWidget(ScrollableDock):
         """Show ``backbone``'s defaults (config.train_defaults, as the CLI uses them)."""
         self.checkpoint.setEnabled(backbone not in RANDOM_BACKBONES)
         defaults = train_defaults(backbone)
-        self.image_size.setValue(defaults["image_size"])
-        self.alignment.setCurrentText(defaults["alignment"])
-        self.lr.setValue(defaults["lr"])
-        self.epochs.setValue(defaults["epochs"])
-        self.steps_per_epoch.setValue(defaults["steps_per_epoch"])
-        self.batch_size.setValue(defaults["batch_size"])
-        # As ModelConfig resolves trainable_backbone=None: random encoders train.
-        self.train_encoder.setChecked(backbone in RANDOM_BACKBONES)
+        # the backbone's defaults, not the user's choices: shown, not saved as settings
+        with applying_defaults():
+            self.image_size.setValue(defaults["image_size"])
+            self.alignment.setCurrentText(defaults["alignment"])
+            self.lr.setValue(defaults["lr"])
+            self.epochs.setValue(defaults["epochs"])
+            self.steps_per_epoch.setValue(defaults["steps_per_epoch"])
+            self.batch_size.setValue(defaults["batch_size"])
+            # As ModelConfig resolves trainable_backbone=None: random encoders train.
+            self.train_encoder.setChecked(backbone in RANDOM_BACKBONES)
 
     # ------------------------------------------------------------------------ data folders
     def refresh_primary(self) -> bool:
