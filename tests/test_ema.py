@@ -107,3 +107,29 @@ def test_gradients_are_clipped_before_the_step(tmp_path):
                                   tiny_model_config())[0])
     assert free > 1e-3
     assert clipped < 1e-5
+
+
+def test_a_folder_recorded_before_averaging_resumes_without_it(tmp_path):
+    """config.json without ema_decay/grad_clip and last.pt without "ema" (an older folder):
+    the resumed run neither starts an average from scratch nor clips, and records that."""
+    import json
+
+    from napari_amasam.model_folder import read_model_folder
+    from napari_amasam.training.trainer import resume_config
+
+    out, _ = run_training(_cfg(tmp_path, "old", ema_decay=0.0, grad_clip=0.0), tiny_model_config())
+    config = json.loads((out / "config.json").read_text())
+    for key in ("ema_decay", "grad_clip"):
+        del config["train"][key]
+    (out / "config.json").write_text(json.dumps(config))
+    state = torch.load(out / "last.pt", weights_only=True)
+    del state["ema"]
+    torch.save(state, out / "last.pt")
+    assert resume_config(out).ema_decay is None  # as recorded: unknown
+    run_training(resume_config(out, epochs=2), tiny_model_config(), resume=True)
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["step"] == 12 and resumed["ema"] is None
+    for name, value in torch.load(out / "weights.pt", weights_only=True).items():
+        torch.testing.assert_close(value, resumed["model"][name])
+    recorded = read_model_folder(out).train
+    assert recorded.ema_decay is None or recorded.ema_decay == 0.0

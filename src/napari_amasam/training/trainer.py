@@ -277,7 +277,10 @@ def train(
             raise CheckpointError(f"{out}: nothing to resume (no last.pt)")
         # The recorded architecture always wins; ``cfg`` is usually ``resume_config(out)``.
         model_cfg, thresholds = folder.model, folder.thresholds
-        cfg = dataclasses.replace(cfg, out=str(out))
+        # A run recorded before weight averaging and clipping existed resumes as it began.
+        cfg = dataclasses.replace(
+            cfg, out=str(out), ema_decay=0.0 if cfg.ema_decay is None else cfg.ema_decay,
+            grad_clip=0.0 if cfg.grad_clip is None else cfg.grad_clip)
 
     else:
         check_output_folder(out, overwrite)
