@@ -463,8 +463,9 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     steps, ~0.55-0.63 s each on a 2-core CPU: about 20-23 minutes with validation and the
     threshold search), averaged weights (``ema_decay``) and clipped gradients (``grad_clip``),
     no adversarial alignment (a random encoder still learning what a nucleus is gains from the
-    auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.011 AJI
-    without it, and on a GPU at 3000 steps +0.033), and 10 % of the primary images for
+    auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.010 AJI
+    without it, and on a GPU at 3000 steps +0.033, one seed each), and 10 % of the primary
+    images for
     validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
     Measured in benchmarks/bench_quality.py.
 

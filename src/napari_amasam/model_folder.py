@@ -6,9 +6,11 @@
       config.json      architecture, training settings, base checkpoint name + sha256,
                        microns-per-pixel, normalisation, data summary, seed, package version
       thresholds.json  post-processing settings (PostprocessConfig)
-      weights.pt       trainable weights the predictor uses (best validation Dice, else last)
-      best.pt          trainable weights at the best validation Dice
-      last.pt          full training state: weights, optimiser, scheduler, RNG, step, epoch
+      weights.pt       trainable weights the predictor uses (best validation Dice, else last;
+                       the running average when ``TrainConfig.ema_decay`` > 0)
+      best.pt          trainable weights at the best validation Dice (same rule)
+      last.pt          full training state: raw weights, optimiser, scheduler, RNG, step, epoch,
+                       the weight average (``ema``)
       base_sam.pt      only for the random-weight ``tiny`` backbone: its frozen SAM weights
       history.csv      one row per epoch: losses, learning rate, validation metrics
 
