@@ -465,8 +465,7 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     no adversarial alignment (a random encoder still learning what a nucleus is gains from the
     auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.010 AJI
     without it, and on a GPU at 3000 steps +0.033, one seed each), and 10 % of the primary
-    images for
-    validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
+    images for validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
     Measured in benchmarks/bench_quality.py.
 
     Returns
