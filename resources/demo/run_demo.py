@@ -40,7 +40,7 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output")
-    # The CLI's tiny_conv defaults run 1900 steps (~23 min on 2 cores); the demo keeps every
+    # The CLI's tiny_conv defaults run 1900 steps (20 min on 2 cores); the demo keeps every
     # other default and shortens the schedule to fit its 10-minute budget, decaying the
     # learning rate to the same ~7 % at the end.
     parser.add_argument("--epochs", type=int, default=6)

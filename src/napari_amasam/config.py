@@ -460,8 +460,8 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     CPU: the network works at 0.5 µm/px (20x; ``model_mpp``: 40x data are rescaled, so a
     256-px crop holds four times the tissue and inference is four times cheaper), 256-px
     crops, a 10x larger learning rate that decays to ~7 % over 19 epochs of 100 steps (1900
-    steps, ~0.55-0.63 s each on a 2-core CPU: about 20-23 minutes with validation and the
-    threshold search), averaged weights (``ema_decay``) and clipped gradients (``grad_clip``),
+    steps: 20.3 minutes measured on a 2-core CPU with validation and the threshold search),
+    averaged weights (``ema_decay``) and clipped gradients (``grad_clip``),
     no adversarial alignment (a random encoder still learning what a nucleus is gains from the
     auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.010 AJI
     without it, and on a GPU at 3000 steps +0.033, one seed each), and 10 % of the primary
