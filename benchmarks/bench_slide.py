@@ -243,6 +243,7 @@ def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict
     region window instead of once for the slide (``slide_threshold=False``, the behaviour
     before): (b) - (d) is what the slide-wide threshold recovers.
     """
+    from napari_amasam.data.dataset import rescale_labels
     from napari_amasam.inference.predictor import Predictor
     from napari_amasam.metrics import evaluate_pair
     from napari_amasam.slide.pipeline import segment_slide
@@ -271,7 +272,10 @@ def seams(work: Path, model: str, n_images: int, region_size: int = 256) -> dict
                                    tissue=False, device="cpu", slide_threshold=one_threshold)
             if kind == "slide":
                 seconds["slide"] += result.seconds
-            runs[kind] = tifffile.imread(result.labels_path).astype(np.int32)
+            labels = tifffile.imread(result.labels_path).astype(np.int32)
+            if labels.shape != gt.shape:  # written at the model's working scale (e.g. 20x)
+                labels = rescale_labels(labels, gt.shape[0] / labels.shape[0])
+            runs[kind] = labels
         row = {"image": stem, "alone": evaluate_pair(gt, alone)["aji"],
                "slide": evaluate_pair(gt, runs["slide"])["aji"],
                "whole_window": evaluate_pair(gt, runs["whole_window"])["aji"],
