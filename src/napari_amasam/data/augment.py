@@ -173,14 +173,10 @@ def augment_sample(
     """
     if valid is None:
         valid = np.ones(labels.shape, bool)
-    if targets is not None:
-        image, labels, valid, targets = flip_rotate(rng, image, labels, valid, targets)
-    else:
-        image, labels, valid = flip_rotate(rng, image, labels, valid)
+    extra = () if targets is None else (targets,)
+    image, labels, valid, *moved = flip_rotate(rng, image, labels, valid, *extra)
     image = hed_jitter(image, rng, strength, mask=valid)
     image = brightness_contrast(image, rng, strength)
     image = random_blur(image, rng, blur_probability)
     image[~valid] = 0.0
-    if targets is not None:
-        return image, labels, valid, targets
-    return image, labels, valid
+    return (image, labels, valid, *moved)

@@ -148,16 +148,18 @@ class DomainDataset:
                 np.rint(np.moveaxis(whole, 0, -1) * 255.0), np.uint8)
         return self._targets[index]
 
-    def _random_window(self, rng: np.random.Generator, size: int):
+    def _random_window(
+        self, rng: np.random.Generator, size: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A ``size``-sided window (or the whole image if smaller) of a random image:
-        ``(image, labels, targets)`` views."""
+        views of its image, labels and :meth:`targets`."""
         index = int(rng.integers(len(self)))
         image, labels = self.load(index)
         height, width = labels.shape
         top = int(rng.integers(0, height - size + 1)) if height > size else 0
         left = int(rng.integers(0, width - size + 1)) if width > size else 0
         window = (slice(top, top + size), slice(left, left + size))
-        return image[window], labels[window], (index, window)
+        return image[window], labels[window], self.targets(index)[window]
 
     def sample_crop(
         self, rng: np.random.Generator, size: int, augment: bool = True
@@ -182,7 +184,7 @@ class DomainDataset:
             (False on padding, for losses to ignore), ``domain`` int.
         """
         for _ in range(_CROP_ATTEMPTS):
-            image_window, label_window, where = self._random_window(rng, size)
+            image_window, label_window, target_window = self._random_window(rng, size)
             if label_window.any():
                 break
         height, width = label_window.shape
@@ -193,8 +195,7 @@ class DomainDataset:
         image[:height, :width] = image_window
         labels[:height, :width] = label_window
         valid[:height, :width] = True
-        index, window = where
-        targets[:height, :width] = self.targets(index)[window]
+        targets[:height, :width] = target_window
         if augment:
             image, labels, valid, targets = augment_sample(
                 image, labels, rng, self.augment_strength, valid, self.blur_probability,
