@@ -57,6 +57,48 @@ def test_train_unavailable_device_is_one_line(tmp_path):
     assert_one_line_error(result, "cuda")
 
 
+def _recorded_model(folder, **model):
+    """A model folder holding only its config.json: enough for the checks that run before
+    any training (no weights, no last.pt)."""
+    from napari_amasam.config import ModelConfig, TrainConfig
+    from napari_amasam.model_folder import write_config
+
+    folder.mkdir()
+    write_config(folder, ModelConfig(**model), TrainConfig(out=str(folder)), {}, mpp=None)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["--continue-from", "--resume"])
+def test_train_on_an_existing_model_refuses_architecture_flags(tmp_path, capsys, how):
+    """--continue-from / --resume build on the recorded architecture; a flag that would change
+    it is an error, not silently ignored. A flag equal to the recorded value passes."""
+    model = _recorded_model(tmp_path / "m", backbone="tiny", image_size=256, kind="ca-sam",
+                            alignment="none", lambda_max=0.1)
+    run = ["train", how, str(model)]
+    if how == "--continue-from":
+        run += ["--primary", str(tmp_path / "new"), "--out", str(tmp_path / "m2")]
+    for flags, named in ((["--alignment", "cgrl"], "--alignment cgrl"),
+                         (["--image-size", "512"], "--image-size 512"),
+                         (["--backbone", "vit_b"], "--backbone vit_b"),
+                         (["--kind", "amasam"], "--kind amasam"),
+                         (["--lambda-max", "1"], "--lambda-max 1.0"),
+                         (["--alignment-layer", "5"], "--alignment-layer 5"),
+                         (["--decoder-adapter"], "--decoder-adapter"),
+                         (["--trainable-backbone"], "--trainable-backbone")):
+        assert main(run + flags) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"napari-amasam: error: {named}: "), err
+        assert str(model) in err[0] and f"{how} cannot change an existing model's architecture" \
+            in err[0], err
+    # The recorded values themselves change nothing: the run goes on to its next check
+    # (this folder has no weights / no last.pt to build on).
+    assert main(run + ["--alignment", "none", "--image-size", "256", "--backbone", "tiny",
+                       "--kind", "ca-sam", "--lambda-max", "0.1", "--alignment-layer", "2",
+                       "--frozen-backbone"]) == 2
+    err = capsys.readouterr().err
+    assert "architecture" not in err and ("no weights.pt" in err or "nothing to resume" in err), err
+
+
 def test_train_help_states_the_defaults_a_run_gets():
     """The help's defaults are read from config.train_defaults, never restated by hand."""
     from napari_amasam.cli import build_parser

@@ -35,6 +35,10 @@ def _fail(message: str) -> int:
 
 
 # --------------------------------------------------------------------------- train
+DEFAULT_BACKBONE = "vit_b"
+DEFAULT_KIND = "amasam"
+
+
 def _default_help(key: str, show=str) -> str:
     """``default X for vit_*, Y for tiny*`` (or ``default X`` when equal), read from
     ``config.train_defaults`` so the help always says what a run gets."""
@@ -57,13 +61,17 @@ def add_train_parser(sub) -> None:
     p.add_argument("--primary", help="folder with images/ and labels/ (your data, domain 0)")
     p.add_argument("--aux", nargs="*", default=[], metavar="DIR", help="auxiliary folders (other domains)")
     p.add_argument("--out", help="model folder to write")
-    p.add_argument("--backbone", default="vit_b", choices=list(BACKBONES),
+    # Architecture flags default to None (not given), so that --resume / --continue-from can
+    # tell a flag given on the command line from the default (check_architecture_unchanged).
+    p.add_argument("--backbone", default=None, choices=list(BACKBONES),
                    help="vit_b/l/h: official SAM (needs --checkpoint); tiny, tiny_conv: random-weight "
-                        "CPU backbones that train from scratch (tiny_conv: with a conv stem)")
-    p.add_argument("--kind", default="amasam", choices=list(MODEL_KINDS),
+                        "CPU backbones that train from scratch (tiny_conv: with a conv stem); "
+                        f"default {DEFAULT_BACKBONE}")
+    p.add_argument("--kind", default=None, choices=list(MODEL_KINDS),
                    help="amasam: encoder adapters + CGRL + HR-Decoder; sam-da: frozen SAM, only a "
                         "decoder adapter + prompt tokens train (<1%% of vit_b); ca-sam: frozen SAM + "
-                        "an alignment layer per task (continual learning with --continue-from)")
+                        "an alignment layer per task (continual learning with --continue-from); "
+                        f"default {DEFAULT_KIND}")
     p.add_argument("--continue-from", metavar="MODEL_DIR",
                    help="ca-sam: add --primary as a new task to MODEL_DIR (no forgetting: earlier "
                         "tasks stay as they are; images are routed to their task by per-task VAEs)")
@@ -72,9 +80,9 @@ def add_train_parser(sub) -> None:
                    help="domain alignment with the --aux folders: cgrl (the paper's), grl or "
                         f"none; {_default_help('alignment')} (random tiny* encoders learn better "
                         "without the adversarial term, benchmarks/README.md)")
-    p.add_argument("--decoder-adapter", action="store_true",
+    p.add_argument("--decoder-adapter", action="store_true", default=None,
                    help="SAM-DA: learnable prompt tokens + adapters in the mask decoder")
-    p.add_argument("--alignment-layer", type=int, default=0, metavar="BLOCKS",
+    p.add_argument("--alignment-layer", type=int, default=None, metavar="BLOCKS",
                    help="CA-SAM: residual alignment blocks between encoder and decoder (0 = off)")
     p.add_argument("--lambda-max", type=float, default=None,
                    help="maximum gradient-reversal strength (warmed up over training; "
@@ -157,13 +165,45 @@ TRAIN_SETTINGS = ("image_size", "alignment", "lambda_max", "epochs", "steps_per_
                   "ema_decay", "grad_clip")
 
 
+#: Flags that set the architecture (ModelConfig) of a new model: (flag, argparse dest,
+#: ModelConfig field). An existing model (--resume, --continue-from) keeps its own.
+ARCHITECTURE_FLAGS = (
+    ("--backbone", "backbone", "backbone"),
+    ("--kind", "kind", "kind"),
+    ("--image-size", "image_size", "image_size"),
+    ("--alignment", "alignment", "alignment"),
+    ("--lambda-max", "lambda_max", "lambda_max"),
+    ("--decoder-adapter", "decoder_adapter", "decoder_adapter"),
+    ("--alignment-layer", "alignment_layer", "alignment_layer_blocks"),
+    ("--trainable-backbone", "trainable_backbone", "trainable_backbone"),
+)
+
+
+def check_architecture_unchanged(args, folder, how: str) -> None:
+    """Refuse architecture flags that would be silently ignored: ``how`` (``--resume`` or
+    ``--continue-from``) builds on ``folder``'s recorded ModelConfig, which always wins. A
+    flag equal to the recorded value changes nothing and passes."""
+    for flag, dest, field in ARCHITECTURE_FLAGS:
+        given, recorded = getattr(args, dest), getattr(folder.model, field)
+        if given is None or given == recorded:
+            continue
+        if isinstance(given, bool):  # store_true / store_false flags take no value
+            shown = flag if dest != "trainable_backbone" or given else "--frozen-backbone"
+        else:
+            shown = f"{flag} {given}"
+        raise ConfigError(f"{shown}: {folder.path} has {field} {recorded}, and {how} cannot "
+                          "change an existing model's architecture (leave the flag out, or "
+                          "train a new model)")
+
+
 def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, dict]:
     """The TrainConfig of a new run (a new model, or a new task with ``--continue-from``)
     from the command line, and the merged settings (``train_defaults(backbone)`` overridden
     by the flags given; ``image_size`` and ``lambda_max`` are for the ModelConfig).
 
     ``continuing`` is the model folder a new task is added to: its working scale is kept
-    (its weights were learned at it), as is its architecture (``alignment`` included).
+    (its weights were learned at it), as is its architecture (``alignment`` included;
+    ``cmd_train`` refuses architecture flags that differ, check_architecture_unchanged).
     Without ``--mpp`` a warning says at which scale the new images are taken to be.
     """
     defaults = train_defaults(backbone)
@@ -210,25 +250,30 @@ def cmd_train(args) -> int:
         if not args.primary or not args.out:
             return _fail("train --continue-from needs --primary DIR (the new task) and --out MODEL_DIR")
         continuing = read_model_folder(args.continue_from)
+        check_architecture_unchanged(args, continuing, "--continue-from")
         model_cfg = continuing.model  # the trainer adds the task
         # The existing model's backbone decides the defaults of settings not given here.
         train_cfg, _ = new_run_config(args, model_cfg.backbone, continuing)
     elif args.resume:
         # Recorded settings; --epochs / --max-steps given here extend the run.
         train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps)
-        model_cfg = read_model_folder(args.resume).model
+        resumed = read_model_folder(args.resume)
+        check_architecture_unchanged(args, resumed, "--resume")
+        model_cfg = resumed.model
     else:
         if not args.primary or not args.out:
             return _fail("train needs --primary DIR and --out MODEL_DIR (or --resume MODEL_DIR)")
-        if args.backbone not in RANDOM_BACKBONES and not args.checkpoint:
-            print(f"warning: no --checkpoint for {args.backbone}: the SAM encoder gets random "
+        backbone = args.backbone or DEFAULT_BACKBONE
+        if backbone not in RANDOM_BACKBONES and not args.checkpoint:
+            print(f"warning: no --checkpoint for {backbone}: the SAM encoder gets random "
                   "weights (download the official .pth once and pass its path)", file=sys.stderr)
-        train_cfg, settings = new_run_config(args, args.backbone)
-        model_cfg = ModelConfig(backbone=args.backbone, image_size=settings["image_size"],
+        train_cfg, settings = new_run_config(args, backbone)
+        model_cfg = ModelConfig(backbone=backbone, image_size=settings["image_size"],
                                 alignment=settings["alignment"], lambda_max=settings["lambda_max"],
-                                decoder_adapter=args.decoder_adapter,
-                                alignment_layer_blocks=args.alignment_layer,
-                                trainable_backbone=args.trainable_backbone, kind=args.kind)
+                                decoder_adapter=bool(args.decoder_adapter),
+                                alignment_layer_blocks=args.alignment_layer or 0,
+                                trainable_backbone=args.trainable_backbone,
+                                kind=args.kind or DEFAULT_KIND)
     interactive = sys.stderr.isatty() and not args.quiet
     last_print = 0.0
     for record in train(train_cfg, model_cfg, resume=bool(args.resume), overwrite=args.overwrite):
