@@ -248,6 +248,24 @@ def test_cli_export_model_then_segment_with_the_package(tiny_folder, tmp_path, b
                                   tifffile.imread(tmp_path / "b" / "crop_labels.tif"))
 
 
+@pytest.mark.parametrize("key, value, shown", [("mpp", ".nan", "nan"), ("mpp", ".inf", "inf"),
+                                               ("data_mpp", ".nan", "nan"),
+                                               ("data_mpp", "-.inf", "-inf")])
+def test_package_mpp_must_be_positive_and_finite(tiny_folder, tmp_path, key, value, shown):
+    """YAML reads .nan and .inf as floats; a package mpp / data_mpp that is not a positive
+    finite number is a one-line error naming it."""
+    out = bp.export_model_package(tiny_folder, tmp_path / "pkg", torchscript=False)
+    rdf = (out / "rdf.yaml").read_text()
+    lines = [line for line in rdf.splitlines() if line.strip().startswith(f"{key}:")]
+    assert len(lines) == 1, lines
+    indent = lines[0][: len(lines[0]) - len(lines[0].lstrip())]
+    (out / "rdf.yaml").write_text(rdf.replace(lines[0], f"{indent}{key}: {value}"))
+    with pytest.raises(AmaSamError) as info:
+        bp.read_package(out)
+    assert f"{key} must be a positive finite number or null, not {shown}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_cli_segment_with_a_foreign_package_prints_one_line(tiny_folder, tmp_path, capsys):
     from napari_amasam.cli import main
 

@@ -35,6 +35,23 @@ def test_config_round_trip_is_self_describing(tmp_path):
     assert doc["package_version"] and doc["seed"] == 0
 
 
+@pytest.mark.parametrize("mpp", ["NaN", "Infinity", "-Infinity", "0"])
+def test_config_mpp_must_be_positive_and_finite(tmp_path, mpp):
+    """json reads NaN and Infinity as floats; an mpp that is not a positive finite number is
+    a one-line error naming it."""
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    ckpt.write_bytes(b"pretend weights")
+    folder = _vit_folder(tmp_path, ckpt)
+    text = (folder / "config.json").read_text()
+    assert '"mpp": 0.25' in text
+    (folder / "config.json").write_text(text.replace('"mpp": 0.25', f'"mpp": {mpp}'))
+    with pytest.raises(CheckpointError) as info:
+        mf.read_model_folder(folder)
+    shown = {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf", "0": "0"}[mpp]
+    assert f"mpp must be a positive finite number or null, not {shown}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_base_checkpoint_found_by_path_and_hash(tmp_path):
     ckpt = tmp_path / "sam_vit_b_01ec64.pth"
     ckpt.write_bytes(b"pretend weights")

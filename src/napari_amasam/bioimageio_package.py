@@ -46,7 +46,13 @@ import torch
 from . import __version__
 from .config import ConfigError, ModelConfig, PostprocessConfig
 from .errors import AmaSamError, CheckpointError
-from .model_folder import SAM_NORMALISATION, ModelFolder, read_model_folder, resolve_base_checkpoint
+from .model_folder import (
+    SAM_NORMALISATION,
+    ModelFolder,
+    read_model_folder,
+    resolve_base_checkpoint,
+    valid_mpp,
+)
 
 #: Key under the package's ``config`` holding this plugin's settings.
 CONFIG_KEY = "napari_amasam"
@@ -523,10 +529,9 @@ def _folder_from_section(path: Path, descr: Any, section: dict) -> ModelFolder:
     base = section.get("base_checkpoint") or {}
     for key in ("mpp", "data_mpp"):
         value = section.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value <= 0):
+        if not valid_mpp(value):  # NaN and inf included
             raise PackageError(f"{path}: invalid napari_amasam config ({key} must be a "
-                               f"positive number or null, not {value!r})")
+                               f"positive finite number or null, not {value!r})")
     return ModelFolder(
         path=path,
         model=cfg,

@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import secrets
@@ -160,6 +161,16 @@ def write_thresholds(path: str | Path, thresholds: PostprocessConfig) -> None:
     atomic_write_text(Path(path) / "thresholds.json", json.dumps(thresholds.to_dict(), indent=2))
 
 
+def valid_mpp(value: Any) -> bool:
+    """None (unknown) or a positive, finite number of microns per pixel. JSON and YAML both
+    read NaN and infinity, which a plain ``<= 0`` test lets through (NaN compares false, inf
+    is positive) and which would reach the rescaling as a scale factor."""
+    if value is None:
+        return True
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value > 0)
+
+
 def read_model_folder(path: str | Path) -> ModelFolder:
     """Read ``config.json`` and ``thresholds.json``; one-line errors for a bad folder.
 
@@ -195,9 +206,9 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{config_path}: invalid config ({exc})") from None
     mpp = doc.get("mpp")
-    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or mpp <= 0):
-        raise CheckpointError(f"{config_path}: invalid config (mpp must be a positive number "
-                              f"or null, not {mpp!r})")
+    if not valid_mpp(mpp):
+        raise CheckpointError(f"{config_path}: invalid config (mpp must be a positive finite "
+                              f"number or null, not {mpp!r})")
     thresholds = PostprocessConfig()
     thresholds_path = path / "thresholds.json"
     if thresholds_path.is_file():
