@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from napari_amasam.data.folders import (
 )
 from napari_amasam.errors import DataError
 
-from .helpers import CONSEP, DEMO_DATA, TNBC, TEST_DATA
+from .helpers import CONSEP, DEMO_DATA, REPO, TEST_DATA, TNBC
 
 
 def _stats_nuclei(stats_file: Path) -> int:
@@ -213,11 +214,24 @@ def test_binary_label_warning_reaches_the_report(tmp_path):
     assert report.summary()["primary"]["n_nuclei"] == 2
 
 
+def _bench_quality_held_out() -> set[str]:
+    """``HELD_OUT`` of benchmarks/bench_quality.py, read without importing the benchmark."""
+    tree = ast.parse((REPO / "benchmarks" / "bench_quality.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == \
+                ["HELD_OUT"]:
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("benchmarks/bench_quality.py defines no HELD_OUT")
+
+
 def test_the_demo_training_set_is_disjoint_from_every_held_out_image():
-    """The demo evaluates on monuseg_heldout; its 20x training tiles must not include those
-    (or any of benchmarks/bench_quality.py's held-out tiles, which contain them)."""
+    """The demo evaluates on monuseg_heldout (4 crops); its 20x training tiles must include
+    none of benchmarks/bench_quality.py's 7 held-out images, which contain those 4."""
     train = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_train_20x")}
-    held_out = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_heldout")}
-    assert held_out and not train & held_out
+    demo_held_out = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_heldout")}
+    bench_held_out = _bench_quality_held_out()
+    assert len(demo_held_out) == 4 and len(bench_held_out) == 7
+    assert demo_held_out <= bench_held_out
+    assert train and not train & bench_held_out, sorted(train & bench_held_out)
     report = check_folders(DEMO_DATA / "monuseg_train_20x", [])
     assert report.ok, report.problems
