@@ -105,14 +105,14 @@ def test_train_on_an_existing_model_refuses_architecture_flags(tmp_path, capsys,
 #: paper's protocol for vit_* and the CPU recipe for tiny*, as config.train_defaults's
 #: docstring documents them (Adam 1e-4, ExponentialLR 0.98, 30 epochs of one pass, batch 4,
 #: 1024 px, lambda_max 1, CGRL; tiny*: 0.5 µm/px (20x), 256-px crops, a 10x larger learning
-#: rate decaying to ~7 % over 19 epochs of 100 steps, averaged weights, clipped gradients,
+#: rate decaying to ~7 % over 30 epochs of 100 steps, averaged weights, clipped gradients,
 #: no adversarial alignment, 10 % for validation).
 TRAIN_HELP_DEFAULTS = {
-    "--epochs": "default 30 for vit_*, 19 for tiny*",
+    "--epochs": "default 30",
     "--steps-per-epoch": "default one pass over the primary images for vit_*, 100 for tiny*",
     "--batch-size": "default 4",
     "--lr": "default 0.0001 for vit_*, 0.001 for tiny*",
-    "--lr-gamma": "default 0.98 for vit_*, 0.869 for tiny*",
+    "--lr-gamma": "default 0.98 for vit_*, 0.915 for tiny*",
     "--image-size": "default 1024 for vit_*, 256 for tiny*",
     "--lambda-max": "default 1.0 for vit_*, 0.1 for tiny*",
     "--alignment": "default cgrl for vit_*, none for tiny*",
@@ -153,8 +153,8 @@ def test_train_help_states_the_defaults_a_run_gets(tmp_path, capsys):
     args = build_parser().parse_args(["train", "--primary", str(tmp_path / "p"), "--out",
                                       str(tmp_path / "m"), "--backbone", "tiny_conv"])
     _, settings = new_run_config(args, "tiny_conv")
-    assert settings == dict(image_size=256, alignment="none", lambda_max=0.1, epochs=19,
-                            steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.869,
+    assert settings == dict(image_size=256, alignment="none", lambda_max=0.1, epochs=30,
+                            steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.915,
                             primary_share=0.5, val_fraction=0.1, model_mpp=0.5,
                             ema_decay=0.995, grad_clip=1.0)
 

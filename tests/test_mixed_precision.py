@@ -35,3 +35,41 @@ def test_autocast_forward_backward_and_inference(dtype):
             mixed = torch.sigmoid(model(images).fine_logits.float())
     # Reduced precision changes probabilities only slightly.
     assert (mixed - reference).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("native_bf16, amp, expected", [
+    (True, True, torch.bfloat16),   # a CPU with AVX-512 BF16 / AMX trains in bf16
+    (False, True, torch.float32),   # elsewhere bf16 is emulated (slower): float32
+    (True, False, torch.float32),   # train --fp32
+])
+def test_cpu_training_uses_bf16_only_where_the_cpu_computes_it(
+        tmp_path, monkeypatch, native_bf16, amp, expected):
+    """The trainer's forward runs under bf16 autocast on a CPU that has bf16 arithmetic
+    (unless ``amp`` is off), says which precision it uses, and keeps float32 weights."""
+    import napari_amasam.device as device_module
+    import napari_amasam.training.trainer as trainer_module
+    from napari_amasam.config import TrainConfig
+    from napari_amasam.model_folder import load_model
+    from napari_amasam.training.trainer import run_training
+
+    from .helpers import primary_folder
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native_bf16)
+    seen = []
+    real_loss = trainer_module.amasam_loss
+
+    def recording_loss(output, *args, **kwargs):
+        seen.append(output.fine_logits.dtype)
+        return real_loss(output, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "amasam_loss", recording_loss)
+    cfg = TrainConfig(primary=str(primary_folder(tmp_path)), out=str(tmp_path / "model"),
+                      epochs=1, steps_per_epoch=2, batch_size=2, device="cpu", seed=0,
+                      augment=False, val_fraction=0.0, amp=amp)
+    out, records = run_training(cfg, tiny_model_config())
+    assert seen == [expected, expected]
+    words = "bf16 mixed precision" if expected == torch.bfloat16 else "float32"
+    assert any(r["stage"] == "setup" and r["message"] == f"precision: {words} on cpu"
+               for r in records)
+    model, _ = load_model(out)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -116,6 +116,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--fp32", dest="amp", action="store_false",
+                   help="train in float32 (default: bf16 mixed precision where the device "
+                        "computes it natively: CUDA, CPUs with AVX-512 BF16 or AMX)")
     p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (when the new one is first saved)")
@@ -234,7 +237,7 @@ def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, d
         model_mpp=working, primary_share=settings["primary_share"],
         val_fraction=settings["val_fraction"], ema_decay=settings["ema_decay"],
         grad_clip=settings["grad_clip"], augment=not args.no_augment, device=args.device,
-        seed=args.seed, num_threads=args.threads,
+        seed=args.seed, num_threads=args.threads, amp=args.amp,
         continue_from=None if continuing is None else args.continue_from,
     )
     return train_cfg, settings

@@ -332,7 +332,10 @@ class TrainConfig:
     device : str
         ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``.
     amp : bool
-        bf16/fp16 autocast on CUDA.
+        Mixed precision where the device computes it natively (``device.autocast_dtype``):
+        bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs with AVX-512 BF16 or
+        AMX (a tiny_conv step 1.3x faster, same held-out quality); float32 on other CPUs
+        and MPS. False (``train --fp32``) = float32 everywhere.
     num_threads : int
         CPU threads for torch (0 = torch's default).
     val_every : int
@@ -477,8 +480,8 @@ def train_defaults(backbone: str) -> dict[str, Any]:
         ``grad_clip``.
     """
     if backbone in RANDOM_BACKBONES:
-        return dict(image_size=256, alignment="none", lambda_max=0.1, epochs=19,
-                    steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.869, primary_share=0.5,
+        return dict(image_size=256, alignment="none", lambda_max=0.1, epochs=30,
+                    steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.915, primary_share=0.5,
                     val_fraction=0.1, model_mpp=0.5, ema_decay=0.995, grad_clip=1.0)
     return dict(image_size=1024, alignment="cgrl", lambda_max=1.0, epochs=30, steps_per_epoch=0,
                 batch_size=4, lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2,

@@ -22,9 +22,12 @@ import contextlib
 import torch
 
 from .config import ConfigError
+from .device import cpu_has_native_bf16
 from .errors import DeviceError
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
+__all__ = ["PRECISION_CHOICES", "autocast_dtype_for", "check_precision", "cpu_has_native_bf16",
+           "precision_context"]
 
 
 def check_precision(value: str, where: str = "precision") -> str:
@@ -33,15 +36,6 @@ def check_precision(value: str, where: str = "precision") -> str:
     if name not in PRECISION_CHOICES:
         raise ConfigError(f"{where} must be one of {', '.join(PRECISION_CHOICES)}, not {value!r}")
     return name
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 matrix products natively on this CPU (AVX-512 BF16 / AMX)."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(probe is not None and probe())
-    except RuntimeError:
-        return False
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:

@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 Record = dict[str, Any]
 
 
+#: How the training precision is reported (``autocast_dtype``'s answer).
+PRECISION_WORDS = {None: "float32", torch.bfloat16: "bf16 mixed precision",
+                   torch.float16: "fp16 mixed precision"}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -365,6 +370,7 @@ def train(
                  if cfg.weight_decay > 0 else torch.optim.Adam(params, lr=cfg.lr))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
     amp_dtype = autocast_dtype(device) if cfg.amp else None
+    yield {"stage": "setup", "message": f"precision: {PRECISION_WORDS[amp_dtype]} on {device.type}"}
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     cfg = with_backbone_defaults(cfg, model_cfg.backbone)  # recorded as resolved
