@@ -61,6 +61,7 @@ def _write_pair(
         (DEMO_DATA / "monuseg_train", 10),
         (DEMO_DATA / "monuseg_heldout", 4),
         (DEMO_DATA / "monuseg_train_20x", 23),  # the demo's training set (JPEG images)
+        (DEMO_DATA / "monuseg_heldout_whole", 7),  # the demo's evaluation set (JPEG images)
         (CONSEP, 4),
     ],
 )
@@ -225,13 +226,15 @@ def _bench_quality_held_out() -> set[str]:
 
 
 def test_the_demo_training_set_is_disjoint_from_every_held_out_image():
-    """The demo evaluates on monuseg_heldout (4 crops); its 20x training tiles must include
-    none of benchmarks/bench_quality.py's 7 held-out images, which contain those 4."""
+    """The demo evaluates on monuseg_heldout_whole, which must be exactly
+    benchmarks/bench_quality.py's 7 held-out images; its 20x training tiles must include none
+    of them (nor of the 4 monuseg_heldout crops, which come from the same images)."""
     train = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_train_20x")}
-    demo_held_out = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_heldout")}
+    demo_evaluation = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_heldout_whole")}
+    crops = {p.stem for p in find_pairs(DEMO_DATA / "monuseg_heldout")}
     bench_held_out = _bench_quality_held_out()
-    assert len(demo_held_out) == 4 and len(bench_held_out) == 7
-    assert demo_held_out <= bench_held_out
+    assert len(bench_held_out) == 7 and demo_evaluation == bench_held_out
+    assert len(crops) == 4 and crops <= bench_held_out
     assert train and not train & bench_held_out, sorted(train & bench_held_out)
     report = check_folders(DEMO_DATA / "monuseg_train_20x", [])
     assert report.ok, report.problems

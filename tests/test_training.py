@@ -284,6 +284,46 @@ def test_threshold_tuning_finds_better_settings_than_the_defaults():
     assert scores["aji"] == pytest.approx(evaluate_pair(gt, fake.postprocess(fake.predict_maps(None), best))["aji"])
 
 
+def test_threshold_tuning_refines_the_foreground_smoothing_of_the_winner():
+    """A foreground map of 0.65 on every nucleus: smoothing it and thresholding at 0.4-0.6
+    erodes each nucleus's rim, whatever the first stage's grid picks; only the second stage
+    (smoothing x threshold around the winner) can find the unsmoothed map, which is exact."""
+    import dataclasses
+
+    from napari_amasam.config import PostprocessConfig
+    from napari_amasam.data import instance_targets, read_labels
+    from napari_amasam.inference.predictor import Maps, Predictor
+    from napari_amasam.metrics import evaluate_pair
+    from napari_amasam.training.thresholds import candidate_thresholds, optimize_thresholds
+
+    from .helpers import DEMO_DATA
+
+    gt = read_labels(sorted((DEMO_DATA / "monuseg_heldout" / "labels").iterdir())[1])[:200, :200]
+    targets = instance_targets(gt)
+    maps = Maps((0.65 * targets[0]).astype(np.float32), targets[1], targets[2], 1.0)
+
+    class FakePredictor:
+        postprocess = Predictor.postprocess
+
+        def __init__(self):
+            self.thresholds = PostprocessConfig()
+            self.task_thresholds = {}
+            self.is_classical = False
+
+        def iter_predict_maps(self, image, input_mpp=None):
+            yield {"stage": "tile", "done": 1, "total": 1}
+            return maps
+
+    fake = FakePredictor()
+    first_stage = max(evaluate_pair(gt, fake.postprocess(maps, c))["aji"]
+                      for c in candidate_thresholds(fake.thresholds, True))
+    best, scores = optimize_thresholds(fake, [(np.zeros((200, 200, 3), np.uint8), gt)])
+    assert best.sigma_foreground == 0.0 and best.foreground_threshold < 0.65
+    assert scores["aji"] > first_stage + 0.01, (scores["aji"], first_stage)
+    unsmoothed = dataclasses.replace(best, sigma_foreground=1.0)
+    assert evaluate_pair(gt, fake.postprocess(maps, unsmoothed))["aji"] < scores["aji"]
+
+
 def test_fine_tune_from_a_model_with_a_different_number_of_domains(tmp_path):
     # A model trained with an auxiliary domain (so with a discriminator) is fine-tuned on
     # primary data alone, and the fine-tuned one again with the auxiliary folder.

@@ -27,7 +27,8 @@ MONUSEG_TRAIN = [
     "TCGA-A7-A13E-01Z-00-DX1", "TCGA-A7-A13F-01Z-00-DX1", "TCGA-AR-A1AK-01Z-00-DX1",
     "TCGA-AR-A1AS-01Z-00-DX1",
 ]
-# Held out from demo training: the demo segments and evaluates these.
+# Held out from demo training: 512-px centre crops used by tests, benchmarks and the widgets'
+# screenshots (the demo itself evaluates on the whole held-out tiles, BENCH_HELDOUT).
 MONUSEG_HELDOUT = [
     "TCGA-B0-5711-01Z-00-DX1", "TCGA-E2-A14V-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1",
     "TCGA-HE-7128-01Z-00-DX1",
@@ -81,6 +82,19 @@ def save_monuseg_20x(monuseg: Path, folder: Path) -> None:
         tifffile.imwrite(folder / "labels" / f"{path.stem}.tif", labels, compression="zlib")
 
 
+def save_monuseg_heldout_whole(monuseg: Path, folder: Path) -> None:
+    """The demo's evaluation set: benchmarks/bench_quality.py's 7 held-out tiles, whole, at
+    their own 40x (segmented at 0.25 µm/px as the benchmark does), images as JPEG."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    for stem in sorted(BENCH_HELDOUT):
+        image = iio.imread(monuseg / "images" / f"{stem}.png")[..., :3]
+        labels = relabel_sequential(tifffile.imread(monuseg / "labels" / f"{stem}.tif"))[0]
+        iio.imwrite(folder / "images" / f"{stem}.jpg", image, quality=JPEG_QUALITY)
+        tifffile.imwrite(folder / "labels" / f"{stem}.tif", labels.astype(np.uint16),
+                         compression="zlib")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", default=str(HERE.parents[2] / "shared" / "data"))
@@ -96,6 +110,7 @@ def main() -> None:
             lab = tifffile.imread(mon / "labels" / f"{name}.tif")
             save_pair(*crop_pair(img, lab, CROP), out / split, name)
     save_monuseg_20x(mon, out / "monuseg_train_20x")
+    save_monuseg_heldout_whole(mon, out / "monuseg_heldout_whole")
     for name in TNBC_AUX:
         img = iio.imread(shared / "tnbc" / "images" / f"{name}.png")[..., :3]
         lab = tifffile.imread(shared / "tnbc" / "labels" / f"{name}.tif").astype(np.uint16)

@@ -152,7 +152,8 @@ def _format_record(record: dict) -> str | None:
                f"{t['center_distance_threshold']}, boundary {t['boundary_distance_threshold']}"
                if t["method"] == "distance" else
                f"EDT watershed, foreground {t['foreground_threshold']}, peak distance {t['edt_min_distance']}")
-        return f"post-processing chosen on validation: {how} (AJI {m['aji']:.4f}, PQ {m['pq']:.4f})"
+        return (f"post-processing chosen on validation: {how}, smoothing {t['sigma_foreground']} px "
+                f"(AJI {m['aji']:.4f}, Dice {m['dice']:.4f}, PQ {m['pq']:.4f})")
 
     if stage == "task":
         return record["message"]

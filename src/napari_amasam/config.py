@@ -342,7 +342,7 @@ class TrainConfig:
         Validate every this many epochs.
     tune_thresholds : bool
         After training, choose ``thresholds.json`` (instance method and thresholds) on the
-        validation images by mean AJI (see ``training.thresholds``).
+        validation images by mean AJI + Dice (see ``training.thresholds``).
     init_from : str or None
         Start from the weights of this model folder (fine-tuning with new or corrected data):
         its architecture, base checkpoint and thresholds are taken over.
