@@ -211,3 +211,16 @@ def test_evaluate_nothing_matches_is_one_line(tmp_path):
     (tmp_path / "a").mkdir()
     assert_one_line_error(run_cli("evaluate", "--pred", tmp_path / "a",
                                   "--gt", DEMO_DATA / "monuseg_heldout"), "matches")
+
+
+@pytest.mark.parametrize("flag", ["--mpp", "--aux-mpp", "--model-mpp"])
+def test_train_refuses_an_infinite_or_nan_mpp_in_one_line(tmp_path, flag):
+    """inf passed a plain ``> 0`` check and crashed the rescaling with a traceback."""
+    from .helpers import aux_folder, run_cli
+
+    primary = primary_folder(tmp_path)
+    extra = ["--aux", str(aux_folder(tmp_path))] if flag == "--aux-mpp" else []
+    for value in ("inf", "nan"):
+        result = run_cli("train", "--primary", primary, "--out", tmp_path / "m", "--backbone",
+                         "tiny", "--device", "cpu", *extra, flag, value)
+        assert_one_line_error(result, "mpp", "positive finite")

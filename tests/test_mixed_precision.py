@@ -73,3 +73,25 @@ def test_cpu_training_uses_bf16_only_where_the_cpu_computes_it(
                for r in records)
     model, _ = load_model(out)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_train_fp32_flag_and_resume_switch_mixed_precision_off(tmp_path, monkeypatch):
+    """On a CPU with bf16 arithmetic a new run trains in bf16; ``--fp32`` turns it off for a
+    resumed run too (one recorded with mixed precision on, moved to a CPU without it, say)."""
+    import json
+
+    import napari_amasam.device as device_module
+
+    from .helpers import primary_folder, run_cli
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    primary, model = primary_folder(tmp_path), tmp_path / "model"
+    common = ("--device", "cpu", "--val-fraction", "0", "--batch-size", "2", "--image-size", "128")
+    first = run_cli("train", "--primary", primary, "--out", model, "--backbone", "tiny",
+                    "--max-steps", "1", "--steps-per-epoch", "2", *common)
+    assert first.returncode == 0, first.stderr
+    assert "precision: bf16 mixed precision on cpu" in first.stdout
+    assert json.loads((model / "config.json").read_text())["train"]["amp"] is True
+    resumed = run_cli("train", "--resume", model, "--max-steps", "2", "--fp32")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "precision: float32 on cpu" in resumed.stdout and "resumed at step 1" in resumed.stdout

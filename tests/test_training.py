@@ -320,8 +320,23 @@ def test_threshold_tuning_refines_the_foreground_smoothing_of_the_winner():
     best, scores = optimize_thresholds(fake, [(np.zeros((200, 200, 3), np.uint8), gt)])
     assert best.sigma_foreground == 0.0 and best.foreground_threshold < 0.65
     assert scores["aji"] > first_stage + 0.01, (scores["aji"], first_stage)
-    unsmoothed = dataclasses.replace(best, sigma_foreground=1.0)
-    assert evaluate_pair(gt, fake.postprocess(maps, unsmoothed))["aji"] < scores["aji"]
+    smoothed = dataclasses.replace(best, sigma_foreground=1.0)
+    assert evaluate_pair(gt, fake.postprocess(maps, smoothed))["aji"] < scores["aji"]
+
+    # Progress: every setting is scored once and the count ends at its total, also from a
+    # hand-edited base whose smoothing is none of the second stage's.
+    from napari_amasam.training.thresholds import iter_optimize_thresholds
+
+    from .helpers import drain
+
+    for base in (PostprocessConfig(), PostprocessConfig(sigma_foreground=1.6)):
+        records, _ = drain(iter_optimize_thresholds(
+            fake, [(np.zeros((200, 200, 3), np.uint8), gt)], base))
+        settings = [r for r in records if r["message"].startswith("tuning thresholds: setting")]
+        assert [r["done"] for r in settings] == list(range(1, len(settings) + 1))
+        assert all(r["done"] <= r["total"] for r in settings)
+        last = settings[-1]
+        assert last["done"] == last["total"] and last["message"].endswith(f"{last['total']}/{last['total']}")
 
 
 def test_fine_tune_from_a_model_with_a_different_number_of_domains(tmp_path):

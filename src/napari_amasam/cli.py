@@ -116,9 +116,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    p.add_argument("--fp32", dest="amp", action="store_false",
-                   help="train in float32 (default: bf16 mixed precision where the device "
-                        "computes it natively: CUDA, CPUs with AVX-512 BF16 or AMX)")
+    p.add_argument("--fp32", dest="amp", action="store_false", default=None,
+                   help="optimiser steps in float32 (default: mixed precision where the device "
+                        "computes it natively: bf16 on CPUs with AVX-512 BF16 or AMX, bf16 or "
+                        "fp16 on CUDA; validation and inference follow the model's precision, "
+                        "segment --precision)")
     p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (when the new one is first saved)")
@@ -238,7 +240,7 @@ def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, d
         model_mpp=working, primary_share=settings["primary_share"],
         val_fraction=settings["val_fraction"], ema_decay=settings["ema_decay"],
         grad_clip=settings["grad_clip"], augment=not args.no_augment, device=args.device,
-        seed=args.seed, num_threads=args.threads, amp=args.amp,
+        seed=args.seed, num_threads=args.threads, amp=args.amp is not False,
         continue_from=None if continuing is None else args.continue_from,
     )
     return train_cfg, settings
@@ -259,8 +261,10 @@ def cmd_train(args) -> int:
         # The existing model's backbone decides the defaults of settings not given here.
         train_cfg, _ = new_run_config(args, model_cfg.backbone, continuing)
     elif args.resume:
-        # Recorded settings; --epochs / --max-steps given here extend the run.
-        train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps)
+        # Recorded settings; --epochs / --max-steps given here extend the run, --fp32 turns
+        # mixed precision off (a run resumed on a CPU without bf16 arithmetic, say).
+        train_cfg = resume_config(args.resume, epochs=args.epochs, max_steps=args.max_steps,
+                                  amp=args.amp)
         resumed = read_model_folder(args.resume)
         check_architecture_unchanged(args, resumed, "--resume")
         model_cfg = resumed.model

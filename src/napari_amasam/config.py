@@ -8,6 +8,7 @@ unknown keys raise, so a typo in a hand-edited file is reported.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +83,16 @@ MODEL_KINDS = ("amasam", "sam-da", "ca-sam")
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def valid_mpp(value: Any) -> bool:
+    """None (unknown) or a positive, finite number of microns per pixel. JSON and YAML both
+    read NaN and infinity, which a plain ``<= 0`` test lets through (NaN compares false, inf
+    is positive) and which would reach the rescaling as a scale factor."""
+    if value is None:
+        return True
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value > 0)
 
 
 @dataclass
@@ -415,11 +426,11 @@ class TrainConfig:
         _require(self.num_threads >= 0, f"threads must be 0 (default) or more, not {self.num_threads}")
         _require(0.0 < self.lr_gamma <= 1.0, f"lr gamma must be in (0, 1], not {self.lr_gamma}")
         _require(self.weight_decay >= 0, f"weight decay must be 0 or more, not {self.weight_decay}")
-        _require(self.mpp is None or self.mpp > 0, f"mpp must be positive, not {self.mpp}")
-        _require(self.aux_mpp is None or all(m is None or m > 0 for m in self.aux_mpp),
-                 f"auxiliary mpp values must be positive, not {self.aux_mpp}")
-        _require(self.model_mpp is None or self.model_mpp > 0,
-                 f"model mpp must be positive, not {self.model_mpp}")
+        _require(valid_mpp(self.mpp), f"mpp must be a positive finite number, not {self.mpp}")
+        _require(self.aux_mpp is None or all(valid_mpp(m) for m in self.aux_mpp),
+                 f"auxiliary mpp values must be positive finite numbers, not {self.aux_mpp}")
+        _require(valid_mpp(self.model_mpp),
+                 f"model mpp must be a positive finite number, not {self.model_mpp}")
         if self.primary:
             primary = Path(self.primary).resolve()
             for folder in self.aux:

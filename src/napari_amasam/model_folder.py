@@ -27,7 +27,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 import secrets
@@ -48,7 +47,9 @@ from .atomic import (  # noqa: F401
     check_can_create,
     remove_temp_files,
 )
-from .config import RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig
+from .config import (  # noqa: F401 (valid_mpp: used here and by bioimageio_package)
+    RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig, valid_mpp,
+)
 from .errors import CheckpointError, OutputError
 
 FORMAT_NAME = "napari-amasam-model"
@@ -159,16 +160,6 @@ def write_config(
 
 def write_thresholds(path: str | Path, thresholds: PostprocessConfig) -> None:
     atomic_write_text(Path(path) / "thresholds.json", json.dumps(thresholds.to_dict(), indent=2))
-
-
-def valid_mpp(value: Any) -> bool:
-    """None (unknown) or a positive, finite number of microns per pixel. JSON and YAML both
-    read NaN and infinity, which a plain ``<= 0`` test lets through (NaN compares false, inf
-    is positive) and which would reach the rescaling as a scale factor."""
-    if value is None:
-        return True
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value) and value > 0)
 
 
 def read_model_folder(path: str | Path) -> ModelFolder:

@@ -90,23 +90,28 @@ def iter_optimize_thresholds(
                               f"(tiles {tile['done']}/{tile['total']})"}
     has_distances = all(m.center_distance is not None for m, _ in maps)
     best, best_key, best_scores = base, (-3.0, -1.0), {}
-    candidates = candidate_thresholds(base, has_distances)
-    # the second stage's size is fixed (its candidates depend on the first stage's winner)
-    total = len(candidates) + len(SIGMA_FOREGROUND) * 3 - 1
-    done = 0
+    first = candidate_thresholds(base, has_distances)
+    tried: set[tuple] = set()
+    # The second stage depends on the first stage's winner; until it is known, the total
+    # counts its largest possible size and is corrected (never exceeded) afterwards.
+    total = len(first) + len(SIGMA_FOREGROUND) * 3
     for stage in (1, 2):
-        if stage == 2:
-            candidates = refinement_candidates(best)
+        if stage == 1:
+            candidates = first
+        else:
+            candidates = [c for c in refinement_candidates(best)
+                          if tuple(c.to_dict().items()) not in tried]
+            total = len(tried) + len(candidates)
         for candidate in candidates:
+            tried.add(tuple(candidate.to_dict().items()))
             per_image = [evaluate_pair(gt, predictor.postprocess(m, candidate)) for m, gt in maps]
             scores = {k: float(np.nanmean([p[k] for p in per_image])) for k in per_image[0]}
             key = (np.nan_to_num(scores["aji"], nan=-1.0) + np.nan_to_num(scores["dice"], nan=-1.0),
                    np.nan_to_num(scores["pq"], nan=-1.0))
             if key > best_key:
                 best, best_key, best_scores = candidate, key, scores
-            done += 1
-            yield {"stage": "progress", "task": "thresholds", "done": min(done, total),
-                   "total": total, "message": f"tuning thresholds: setting {done}/{total}"}
+            yield {"stage": "progress", "task": "thresholds", "done": len(tried), "total": total,
+                   "message": f"tuning thresholds: setting {len(tried)}/{total}"}
     return best, best_scores
 
 

@@ -108,8 +108,10 @@ def default_steps_per_epoch(datasets, cfg: TrainConfig, image_size: int) -> int:
 
 
 def resume_config(model_dir: str | Path, epochs: int | None = None,
-                  max_steps: int | None = None) -> TrainConfig:
-    """The training settings recorded in ``model_dir``, optionally run for longer."""
+                  max_steps: int | None = None, amp: bool | None = None) -> TrainConfig:
+    """The training settings recorded in ``model_dir``, optionally run for longer
+    (``epochs``, ``max_steps``) or with mixed precision switched (``amp``; None = as
+    recorded)."""
     folder = read_model_folder(model_dir)
     if folder.train is None:
         raise CheckpointError(f"{model_dir}: no training settings recorded (cannot resume)")
@@ -118,6 +120,8 @@ def resume_config(model_dir: str | Path, epochs: int | None = None,
         changes["epochs"] = epochs
     if max_steps is not None:
         changes["max_steps"] = max_steps
+    if amp is not None:
+        changes["amp"] = amp
     return dataclasses.replace(folder.train, **changes)  # validates the new values
 
 
