@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = next((p / "shared" / "data" for p in (REPO.parent, REPO.parent.parent)
                      if (p / "shared" / "data").is_dir()), REPO.parent / "shared" / "data")
 # Never trained on: 7 whole 1000x1000 images of 6 organs (kidney x2, breast, prostate,
-# colon, stomach, bladder). The demo's held-out crops come from the first four.
+# colon, stomach, bladder). `make demo` evaluates on the same 7 (bundled as JPEG in
+# resources/demo/data/monuseg_heldout_whole); the 4 monuseg_heldout crops come from the first four.
 HELD_OUT = (
     "TCGA-B0-5711-01Z-00-DX1",  # kidney
     "TCGA-HE-7128-01Z-00-DX1",  # kidney

@@ -224,3 +224,19 @@ def test_train_refuses_an_infinite_or_nan_mpp_in_one_line(tmp_path, flag):
         result = run_cli("train", "--primary", primary, "--out", tmp_path / "m", "--backbone",
                          "tiny", "--device", "cpu", *extra, flag, value)
         assert_one_line_error(result, "mpp", "positive finite")
+
+
+def test_a_shortened_tiny_schedule_still_anneals_the_learning_rate(tmp_path):
+    """``--epochs`` without ``--lr-gamma``: tiny* decays to the default run's final rate
+    (~7 %) in the epochs given; vit_* keep the paper's fixed 0.98 per epoch."""
+    from napari_amasam.cli import build_parser, new_run_config
+
+    def settings(backbone, *flags):
+        args = build_parser().parse_args(["train", "--primary", str(tmp_path / "p"), "--out",
+                                          str(tmp_path / "m"), "--backbone", backbone, *flags])
+        return new_run_config(args, backbone)[1]
+
+    assert settings("tiny_conv", "--epochs", "10")["lr_gamma"] == pytest.approx(0.766, abs=1e-3)
+    assert settings("tiny_conv")["lr_gamma"] == 0.915
+    assert settings("tiny_conv", "--epochs", "10", "--lr-gamma", "0.9")["lr_gamma"] == 0.9
+    assert settings("vit_b", "--epochs", "10")["lr_gamma"] == 0.98

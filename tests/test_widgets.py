@@ -263,9 +263,19 @@ def test_train_widget_defaults_follow_the_backbone(make_napari_viewer):
                     "primary_share", "val_fraction"):
             assert getattr(train_cfg, key) == pytest.approx(defaults[key]), (backbone, key)
         assert train_cfg.model_mpp == defaults["model_mpp"], backbone
-    # A value the user edits is used as given.
+    # A value the user edits is used as given; a shortened tiny* schedule still anneals to
+    # the default's final learning rate (~7 %), as the CLI does.
     train.epochs.setValue(3)
     assert train.configs()[0].epochs == 3
+    train.epochs.setValue(10)
+    train_cfg = train.configs()[0]
+    assert train_cfg.lr_gamma == pytest.approx(0.766, abs=1e-3)
+    assert train_cfg.lr_gamma ** 10 == pytest.approx(
+        train_defaults("tiny_conv")["lr_gamma"] ** train_defaults("tiny_conv")["epochs"], rel=0.01)
+    # Precision: auto keeps mixed precision where the device has it; fp32 turns it off.
+    assert train_cfg.amp is True
+    train.precision.setCurrentText("fp32")
+    assert train.configs()[0].amp is False
 
 
 def test_train_widget_cancel_during_validation_is_prompt_and_resumable(tiny_train):

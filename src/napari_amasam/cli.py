@@ -22,6 +22,7 @@ from .config import (
     ModelConfig,
     PostprocessConfig,
     TrainConfig,
+    lr_gamma_for_epochs,
     train_defaults,
 )
 from .errors import AmaSamError, describe_os_error
@@ -95,7 +96,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=float, default=None, help=_default_help("lr"))
     p.add_argument("--lr-gamma", type=float, default=None,
-                   help=f"learning-rate decay per epoch ({_default_help('lr_gamma')})")
+                   help=f"learning-rate decay per epoch ({_default_help('lr_gamma')}; "
+                        "tiny* with other --epochs: decays to the same ~7 %% at the end)")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="average the trained weights with this per-step decay (0 = off; "
                         f"{_default_help('ema_decay')}); the model folder holds the average")
@@ -220,6 +222,8 @@ def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, d
                               f"{continuing.mpp} µm/px; a new task keeps that scale")
         defaults["model_mpp"] = continuing.mpp
     given = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+    if "epochs" in given and "lr_gamma" not in given:
+        given["lr_gamma"] = lr_gamma_for_epochs(backbone, given["epochs"])
     settings = {**defaults, **given}
     working = settings["model_mpp"]
     if args.mpp is None and working is not None:

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from ..config import BACKBONES, RANDOM_BACKBONES, train_defaults
+from ..config import BACKBONES, RANDOM_BACKBONES, lr_gamma_for_epochs, train_defaults
 from ._common import (
     PathPicker,
     Progress,
@@ -165,6 +165,10 @@ class TrainWidget(ScrollableDock):
         self.image_size.setRange(64, 4096)
         self.image_size.setSingleStep(64)
         self.device = tip(device_combo(), "Where training runs (auto: CUDA, then MPS, then CPU)")
+        self.precision = tip(QComboBox(), "auto: mixed precision where the device computes it "
+                             "natively (bf16 on CPUs with AVX-512 BF16 or AMX, bf16/fp16 on "
+                             "CUDA); fp32: float32 training steps everywhere")
+        self.precision.addItems(["auto", "fp32"])
         form.addRow("Alignment", self.alignment)
         form.addRow("Epochs", self.epochs)
         form.addRow("Steps per epoch", self.steps_per_epoch)
@@ -172,6 +176,7 @@ class TrainWidget(ScrollableDock):
         form.addRow("Batch size", self.batch_size)
         form.addRow("Input size", self.image_size)
         form.addRow("Device", self.device)
+        form.addRow("Precision", self.precision)
         self.content.addWidget(training)
 
         run = QHBoxLayout()
@@ -199,6 +204,7 @@ class TrainWidget(ScrollableDock):
         bind("train", "batch_size", self.batch_size, unset=0)
         bind("train", "learning_rate", self.lr, unset=0.0)
         bind("train", "device", self.device)
+        bind("train", "precision", self.precision)
 
     def _backbone_changed(self, backbone: str) -> None:
         """Show ``backbone``'s defaults (config.train_defaults, as the CLI uses them)."""
@@ -273,10 +279,11 @@ class TrainWidget(ScrollableDock):
             primary=self.primary.text(), aux=self.aux_folders(), out=self.output.text(),
             checkpoint=checkpoint, epochs=self.epochs.value(),
             steps_per_epoch=self.steps_per_epoch.value(), batch_size=self.batch_size.value(),
-            lr=self.lr.value(), lr_gamma=defaults["lr_gamma"],
+            lr=self.lr.value(), lr_gamma=lr_gamma_for_epochs(backbone, self.epochs.value()),
             primary_share=defaults["primary_share"], val_fraction=defaults["val_fraction"],
             model_mpp=defaults["model_mpp"],
             device=self.device.currentText(), mpp=self.mpp.value() or None,
+            amp=self.precision.currentText() != "fp32",
         )
         return train_cfg, model_cfg
 

@@ -143,7 +143,8 @@ def _iter_validate(model, model_cfg, thresholds, val_items, device, mpp,
 
     The network runs once per image; its maps are post-processed with the configured
     thresholds and with the EDT fallback, and the instance method with the higher mean AJI
-    is reported (``method``). Early in training the distance heads lag the foreground, and
+    is reported (``method``; by AJI alone, unlike the final search's AJI + Dice: a per-epoch
+    curve of one instance metric). Early in training the distance heads lag the foreground, and
     the fine search of ``training.thresholds`` only runs once at the end, so this keeps the
     per-epoch Dice/AJI close to what the finished model will give.
 
