@@ -231,7 +231,7 @@ def test_cli_warnings_are_one_line_without_source_locations(tmp_path):
     (["--steps-per-epoch", "-1"], "steps per epoch must be 0"),
     (["--alignment-layer", "-3"], "alignment layer blocks must be 0"),
     (["--threads", "-2"], "threads must be 0"),
-    (["--mpp", "0"], "mpp must be positive"),
+    (["--mpp", "0"], "mpp must be a positive finite number"),
 ])
 def test_bad_training_settings_are_refused_before_anything_is_written(tmp_path, args, words):
     primary = primary_folder(tmp_path, n=2)
