@@ -44,15 +44,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ConfigError, ModelConfig, PostprocessConfig
+from .config import ConfigError, ModelConfig, PostprocessConfig, valid_mpp
 from .errors import AmaSamError, CheckpointError
-from .model_folder import (
-    SAM_NORMALISATION,
-    ModelFolder,
-    read_model_folder,
-    resolve_base_checkpoint,
-    valid_mpp,
-)
+from .model_folder import SAM_NORMALISATION, ModelFolder, read_model_folder, resolve_base_checkpoint
 
 #: Key under the package's ``config`` holding this plugin's settings.
 CONFIG_KEY = "napari_amasam"

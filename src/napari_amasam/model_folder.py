@@ -47,8 +47,13 @@ from .atomic import (  # noqa: F401
     check_can_create,
     remove_temp_files,
 )
-from .config import (  # noqa: F401 (valid_mpp: used here and by bioimageio_package)
-    RANDOM_BACKBONES, ConfigError, ModelConfig, PostprocessConfig, TrainConfig, valid_mpp,
+from .config import (
+    RANDOM_BACKBONES,
+    ConfigError,
+    ModelConfig,
+    PostprocessConfig,
+    TrainConfig,
+    valid_mpp,
 )
 from .errors import CheckpointError, OutputError
 

@@ -91,7 +91,7 @@ def iter_optimize_thresholds(
     has_distances = all(m.center_distance is not None for m, _ in maps)
     best, best_key, best_scores = base, (-3.0, -1.0), {}
     first = candidate_thresholds(base, has_distances)
-    tried: set[tuple] = set()
+    tried: list[PostprocessConfig] = []  # dataclass equality: each setting is scored once
     # The second stage depends on the first stage's winner; until it is known, the total
     # counts its largest possible size and is corrected (never exceeded) afterwards.
     total = len(first) + len(SIGMA_FOREGROUND) * 3
@@ -99,11 +99,10 @@ def iter_optimize_thresholds(
         if stage == 1:
             candidates = first
         else:
-            candidates = [c for c in refinement_candidates(best)
-                          if tuple(c.to_dict().items()) not in tried]
+            candidates = [c for c in refinement_candidates(best) if c not in tried]
             total = len(tried) + len(candidates)
         for candidate in candidates:
-            tried.add(tuple(candidate.to_dict().items()))
+            tried.append(candidate)
             per_image = [evaluate_pair(gt, predictor.postprocess(m, candidate)) for m, gt in maps]
             scores = {k: float(np.nanmean([p[k] for p in per_image])) for k in per_image[0]}
             key = (np.nan_to_num(scores["aji"], nan=-1.0) + np.nan_to_num(scores["dice"], nan=-1.0),
