@@ -13,13 +13,9 @@ float32) the queries are processed in chunks whose bias fits in ``max_mask_bytes
 inference the chunk buffer is allocated once per call and reused, which also avoids the
 page-fault cost of touching a fresh 805 MB allocation.
 
-Linear layers: on CPU, float32 ``F.linear`` goes to MKL's sgemm, which on AMD processors
-runs a slower code path; oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op
-inductor uses) was measured about 1.7x faster on the 2-core EPYC (164 vs 95 GFLOP/s), and
-with the activation fused as a post-op (exact erf GELU) about 2.5x faster than linear +
-GELU. Results differ from ``F.linear`` only by float rounding (summation order). The op has
-no autograd formula, so it is used only when no gradient is needed; otherwise
-``F.linear`` runs.
+The q/k/v and output projections (and the MLP's linears) go through
+:func:`~.fast_linear.fast_linear`: oneDNN's linear, in float32 or, under CPU bf16 autocast,
+with cached bf16 weights and the activation fused.
 
 Public API
 ----------
@@ -56,6 +52,8 @@ from segment_anything.modeling.image_encoder import (
     window_unpartition,
 )
 from torch import nn
+
+from .fast_linear import fast_linear
 
 __all__ = [
     "DEFAULT_MAX_MASK_BYTES",
@@ -108,78 +106,6 @@ def reference_attention() -> Iterator[None]:
         yield
     finally:
         _state.force_reference = previous
-
-
-def _onednn_ok(x: torch.Tensor, layer: nn.Module) -> bool:
-    """Whether ``layer(x)`` may run through oneDNN's linear instead of ``F.linear``.
-
-    Only a plain ``nn.Linear`` (a LoRA or other wrapper keeps its own forward) without
-    hooks, float32 on CPU, and no gradient needed (the op has no backward).
-    """
-    if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
-        return False
-    if not _HAS_ONEDNN_LINEAR or torch.compiler.is_compiling():
-        # Inductor lowers oneDNN's linear only for constant weights; it fuses F.linear itself.
-        return False
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in layer.parameters())
-    ):
-        return False
-    # Autocast would expect a lower-precision result from nn.Linear.
-    return not torch.is_autocast_enabled("cpu")
-
-
-def fast_linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-    """``act(layer(x))`` through oneDNN when allowed (see module docstring), else the module.
-
-    Parameters
-    ----------
-    layer : nn.Module
-        Usually an ``nn.Linear`` with weight ``(out, in)``.
-    x : torch.Tensor
-        ``(..., in)``.
-    activation : {"none", "gelu", "gelu_tanh", "relu"}
-        Activation applied after the layer (fused into the oneDNN kernel when used).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(..., out)``.
-    """
-    if _onednn_ok(x, layer):
-        attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
-    y = layer(x)
-    if activation == "none":
-        return y
-    if activation == "relu":
-        return F.relu(y)
-    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
-# activation name -> (oneDNN post-op attr, algorithm)
-_ONEDNN_ACTIVATIONS = {
-    "none": ("none", ""),
-    "gelu": ("gelu", "none"),
-    "gelu_tanh": ("gelu", "tanh"),
-    "relu": ("relu", ""),
-}
-
-
-def _probe_onednn_linear() -> bool:
-    """The private op exists in CPU builds with oneDNN; check once that it runs."""
-    try:
-        x = torch.ones(2, 3)
-        w = torch.ones(4, 3)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return bool(torch.backends.mkldnn.is_available() and torch.allclose(y, x @ w.T))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-_HAS_ONEDNN_LINEAR = _probe_onednn_linear()
 
 
 def rel_pos_bias_terms(
@@ -273,6 +199,10 @@ def rel_pos_attention(
         reshapes without another permute).
     """
     batch, heads, tokens, channels = q.shape
+    # The fused CPU kernel reads strided q/k/v (views into the qkv projection) much more
+    # slowly than contiguous ones, in bf16 above all (a global vit_b block: 0.93 s strided,
+    # 0.56 s contiguous, for three 6 MB copies); no-ops where they are contiguous already.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if rel_pos_h is None or rel_pos_w is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.transpose(1, 2)
@@ -313,18 +243,45 @@ def rel_pos_attention(
     buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
     out = q.new_empty((batch, tokens, heads, channels))
     for b0, b1, r0, r1 in chunks:
-        rows_h = rel_h[b0:b1, :, r0:r1, :, :, None]
-        rows_w = rel_w[b0:b1, :, r0:r1, :, None, :]
         shape = (b1 - b0, heads, r1 - r0, width, height, width)
         if torch.compiler.is_compiling():
             # Inductor cannot lower an ``out=`` into a view of a buffer: let it plan memory.
-            bias = rows_h + rows_w
+            bias = rel_h[b0:b1, :, r0:r1, :, :, None] + rel_w[b0:b1, :, r0:r1, :, None, :]
         else:
             bias = buffer[: (b1 - b0) * heads * (r1 - r0) * width * tokens].view(shape)
-            torch.add(rows_h, rows_w, out=bias)
+            _write_bias(rel_h[b0:b1, :, r0:r1], rel_w[b0:b1, :, r0:r1], bias)
         piece = _chunk_attention(q, k, v, bias, scale, (b0, b1, r0, r1), width)
         out[b0:b1, r0 * width : r1 * width].copy_(piece)
     return out
+
+
+#: Below this key-grid width a bf16/fp16 bias is built with a matrix product: the broadcast
+#: add of reduced-precision rows that short is not vectorised (a windowed vit_b block, 14 x
+#: 14 keys: 19 ms in bf16 vs 4 ms in float32, 4 ms as a bf16 product); float32 and wide
+#: grids (a global block's 64 x 64) add faster.
+_SELECTOR_BIAS_MAX_WIDTH = 32
+
+
+def _write_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, bias: torch.Tensor) -> None:
+    """``bias[..., kh, kw] = rel_h[..., kh] + rel_w[..., kw]`` in place.
+
+    ``rel_h`` ``(..., H)``, ``rel_w`` ``(..., W)``, ``bias`` contiguous ``(..., H, W)``. For
+    reduced precision on narrow grids as ``[rel_h | rel_w] @ S`` with the 0/1 selector ``S``
+    (``(H+W, H*W)``: row ``kh`` and row ``H+kw`` pick key ``(kh, kw)``): each output is the
+    same two-term sum rounded once, bit-identical to the add.
+    """
+    height, width = bias.shape[-2:]
+    if bias.dtype == torch.float32 or width >= _SELECTOR_BIAS_MAX_WIDTH:
+        torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
+        return
+    selector = torch.zeros(height + width, height, width, dtype=bias.dtype, device=bias.device)
+    keys_h = torch.arange(height, device=bias.device)
+    keys_w = torch.arange(width, device=bias.device)
+    selector[keys_h, keys_h, :] = 1
+    selector[height + keys_w, :, keys_w] = 1
+    terms = torch.cat([rel_h, rel_w], dim=-1).reshape(-1, height + width)
+    torch.mm(terms, selector.view(height + width, height * width),
+             out=bias.view(-1, height * width))
 
 
 def _chunk_attention(
@@ -370,8 +327,8 @@ def fast_attention_forward(
     """
     batch, height, width, _ = x.shape
     heads = attn.num_heads
-    # (B, N, 3, heads, C) -> three (B, heads, N, C) strided views; SDPA reads them in place,
-    # which saves the reference's copy into (3, B*heads, N, C).
+    # (B, N, 3, heads, C) -> three (B, heads, N, C) strided views (rel_pos_attention makes
+    # them contiguous, one copy each, as the reference's reshape into (3, B*heads, N, C) does).
     qkv = fast_linear(attn.qkv, x).reshape(batch, height * width, 3, heads, -1)
     qkv = qkv.permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)

@@ -10,7 +10,7 @@ breakdown), the parts after the encoder spent most of their time in three places
   convolutions and transposed convolutions prefer (about 1.5-3x faster on the 2x2 stride-2
   transposed convolutions of the decoder than NCHW input, bit-identical results).
 * The encoder adapters' ``Linear -> GELU -> Linear`` through ``F.linear`` (MKL, slow on AMD):
-  here through oneDNN with the GELU fused (:func:`~.fast_attention.fast_linear`).
+  here through oneDNN with the GELU fused (:func:`~.fast_linear.fast_linear`).
 * The full-resolution refinement of the HR-Decoder (``Conv3x3 -> GELU -> Conv3x3`` on 22
   channels at 1024 x 1024): fed channels-last and with the GELU fused into the first
   convolution (:func:`conv2d_gelu`), about 2.4x faster than NCHW with a separate GELU.
@@ -38,7 +38,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from .adapters import MLPAdapter
-from .fast_attention import fast_attention_enabled, fast_linear
+from .fast_attention import fast_attention_enabled
+from .fast_linear import fast_linear
 
 __all__ = [
     "FastLayerNorm2d",
