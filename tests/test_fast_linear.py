@@ -82,6 +82,10 @@ def test_bf16_weights_are_converted_once_and_follow_parameter_changes():
     assert fl._bf16_cache[layer][3] is not cached
     _assert_close(flipped - layer.bias.bfloat16(), -(first - layer.bias.bfloat16()), 2e-2)
 
+    layer.weight.data = layer.weight.detach() * 2.0  # same Parameter and version, new storage
+    with torch.no_grad():
+        _assert_close(run(), x @ layer.weight.T + layer.bias, 2e-2)
+
     layer.bias = torch.nn.Parameter(torch.zeros(16))  # a new Parameter object, version 0 too
     with torch.no_grad():
         _assert_close(run(), x @ layer.weight.T, 2e-2)

@@ -50,7 +50,7 @@ ONEDNN_ACTIVATIONS = {
 #: other count runs correctly, the blocking is a performance hint).
 _PACK_ROWS_HINT = 4096
 
-# layer -> ((weight version, bias version), weight ref, bias ref, bf16 weight, bf16 bias);
+# layer -> ((weight version and storage, bias's), weight ref, bias ref, bf16 weight, bf16 bias);
 # weak keys so a cached copy never outlives its layer (and the layer's state_dict, deepcopy
 # and pickling never see it).
 _bf16_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -102,10 +102,12 @@ def onednn_linear_dtype(x: torch.Tensor, layer: nn.Module) -> torch.dtype | None
 def _bf16_weights(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``layer``'s weight in bf16 (oneDNN-blocked) and bias in bf16, converted once per
     version of the parameters (an optimiser step or ``load_state_dict`` bumps the version;
-    a new Parameter object is another tensor)."""
+    a new Parameter object is another tensor; ``param.data = t`` keeps the version but not
+    the storage)."""
     weight, bias = layer.weight, layer.bias
     try:
-        versions = (weight._version, None if bias is None else bias._version)
+        versions = (weight._version, weight.data_ptr(),
+                    None if bias is None else (bias._version, bias.data_ptr()))
     except RuntimeError:
         # Parameters created under inference_mode track no version: convert every call.
         versions = None
