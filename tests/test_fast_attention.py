@@ -276,12 +276,13 @@ def test_fast_attention_compiles_with_torch_compile():
     _assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("grid", [(14, 14), (5, 7), (40, 33)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid", [(14, 14), (5, 7), (40, 31), (3, 1)])
 def test_relative_position_bias_is_the_broadcast_sum_bit_for_bit(dtype, grid):
     # Narrow reduced-precision grids are built as a product with a 0/1 selector; every
     # entry must still be rel_h + rel_w rounded once, exactly as the broadcast add gives it.
     height, width = grid
+    assert width < fa._SELECTOR_BIAS_MAX_WIDTH  # the selector branch is the one under test
     gen = torch.Generator().manual_seed(5)
     rel_h = torch.randn(2, 3, height, width, height, generator=gen).to(dtype)
     rel_w = torch.randn(2, 3, height, width, width, generator=gen).to(dtype)

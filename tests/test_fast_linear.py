@@ -90,6 +90,15 @@ def test_bf16_weights_are_converted_once_and_follow_parameter_changes():
     with torch.no_grad():
         _assert_close(run(), x @ layer.weight.T, 2e-2)
 
+    # A write PyTorch does not count (through .data) is not seen until the cache is cleared.
+    before = run()
+    with torch.no_grad():
+        layer.weight.data.copy_(-layer.weight.data)
+    assert torch.equal(run(), before)
+    assert fl.clear_bf16_cache(layer) == 1 and layer not in fl._bf16_cache
+    with torch.no_grad():
+        _assert_close(run(), x @ layer.weight.T, 2e-2)
+
     # The cache lives beside the module: copies and state dicts never carry it.
     clone = copy.deepcopy(layer)
     assert clone not in fl._bf16_cache and set(layer.state_dict()) == {"weight", "bias"}
@@ -104,3 +113,42 @@ def test_bf16_autocast_with_gradient_keeps_the_module_forward():
     assert y.requires_grad
     y.float().sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.skipif(not fl._HAS_ONEDNN_BF16_LINEAR, reason="no oneDNN bf16 linear in this build")
+def test_bf16_fast_encoder_agrees_with_the_reference_under_autocast(monkeypatch):
+    """A SAM-shaped encoder (padded windows, one global block, rel-pos) on the fast path under
+    CPU bf16 autocast: bf16 oneDNN linears on 4-D tokens, the selector-built window bias and
+    the projected padding token together agree with segment_anything's own forward."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    from napari_amasam.model.fast_attention import (
+        enable_fast_attention,
+        enable_fast_mlp,
+        reference_attention,
+    )
+
+    torch.manual_seed(3)
+    encoder = ImageEncoderViT(img_size=128, patch_size=16, embed_dim=48, depth=2, num_heads=3,
+                              use_rel_pos=True, window_size=5, global_attn_indexes=(1,),
+                              out_chans=32).eval()
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if "rel_pos" in name or name == "pos_embed":
+                param.normal_(0.0, 0.5)
+    enable_fast_attention(encoder)
+    enable_fast_mlp(encoder)
+    seen = []
+    original = fl.onednn_linear_dtype
+    monkeypatch.setattr(fl, "onednn_linear_dtype",
+                        lambda x, layer: seen.append(original(x, layer)) or seen[-1])
+    image = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        exact = encoder(image)
+        with _bf16_autocast():
+            fast = encoder(image)
+            with reference_attention():
+                reference = encoder(image)
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen[len(seen) // 2:])
+    _assert_close(fast, reference, 3e-2)
+    _assert_close(fast, exact, 3e-2)

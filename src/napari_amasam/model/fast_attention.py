@@ -67,7 +67,6 @@ __all__ = [
     "enable_fast_mlp",
     "fast_attention_enabled",
     "fast_attention_forward",
-    "fast_linear",
     "fast_mlp_forward",
     "reference_attention",
     "rel_pos_attention",
@@ -202,7 +201,8 @@ def rel_pos_attention(
     # The fused CPU kernel reads strided q/k/v (views into the qkv projection) much more
     # slowly than contiguous ones, in bf16 above all (a global vit_b block: 0.93 s strided,
     # 0.56 s contiguous, for three 6 MB copies); no-ops where they are contiguous already.
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.device.type == "cpu":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if rel_pos_h is None or rel_pos_w is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return out.transpose(1, 2)
@@ -255,7 +255,7 @@ def rel_pos_attention(
     return out
 
 
-#: Below this key-grid width a bf16/fp16 bias is built with a matrix product: the broadcast
+#: Below this key-grid width a bf16/fp16 bias on the CPU is built with a matrix product: the broadcast
 #: add of reduced-precision rows that short is not vectorised (a windowed vit_b block, 14 x
 #: 14 keys: 19 ms in bf16 vs 4 ms in float32, 4 ms as a bf16 product); float32 and wide
 #: grids (a global block's 64 x 64) add faster.
@@ -266,12 +266,15 @@ def _write_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, bias: torch.Tensor) ->
     """``bias[..., kh, kw] = rel_h[..., kh] + rel_w[..., kw]`` in place.
 
     ``rel_h`` ``(..., H)``, ``rel_w`` ``(..., W)``, ``bias`` contiguous ``(..., H, W)``. For
-    reduced precision on narrow grids as ``[rel_h | rel_w] @ S`` with the 0/1 selector ``S``
-    (``(H+W, H*W)``: row ``kh`` and row ``H+kw`` pick key ``(kh, kw)``): each output is the
-    same two-term sum rounded once, bit-identical to the add.
+    reduced precision on narrow grids on the CPU as ``[rel_h | rel_w] @ S`` with the 0/1
+    selector ``S`` (``(H+W, H*W)``: row ``kh`` and row ``H+kw`` pick key ``(kh, kw)``): each
+    output is the same two-term sum rounded once, bit-identical to the add for finite normal
+    values (an infinite term would spread NaN over its row through ``inf * 0``; subnormals may
+    be flushed to zero).
     """
     height, width = bias.shape[-2:]
-    if bias.dtype == torch.float32 or width >= _SELECTOR_BIAS_MAX_WIDTH:
+    narrow_reduced = bias.dtype != torch.float32 and width < _SELECTOR_BIAS_MAX_WIDTH
+    if bias.device.type != "cpu" or not narrow_reduced:
         torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
         return
     selector = torch.zeros(height + width, height, width, dtype=bias.dtype, device=bias.device)

@@ -16,8 +16,9 @@ breakdown), the parts after the encoder spent most of their time in three places
   convolution (:func:`conv2d_gelu`), about 2.4x faster than NCHW with a separate GELU.
 
 Every replacement differs from the original only by float rounding (summation order), runs
-only where it is allowed (oneDNN ops: CPU, float32, no gradient, no autocast; otherwise the
-module's own forward), and inside :func:`~.fast_attention.reference_attention` the original
+only where it is allowed (the oneDNN convolutions: CPU, float32, no gradient, no autocast;
+the linears: see :mod:`.fast_linear`, which also has a CPU bf16 autocast path; otherwise
+the module's own forward), and inside :func:`~.fast_attention.reference_attention` the original
 forwards run, so tests and benchmarks compare both on the same weights.
 
 Public API

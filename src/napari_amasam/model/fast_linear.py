@@ -12,9 +12,15 @@ is converted once to bfloat16 and reordered into oneDNN's blocked layout
 (``mkldnn._reorder_linear_weight``, as inductor prepacks constant weights), cached per layer
 until the weight changes, and the activation is fused. vit_b shapes on the 2-core Zen 4
 (4096 tokens): 323-364 GFLOP/s autocast ``F.linear``, 395-419 packed; linear + GELU 264 ->
-~340. The result is what autocast computes (bf16 operands, float32 accumulation, a bf16
-output) up to summation order. The cache costs one bf16 copy of each layer's weight (about
-170 MB for vit_b) for as long as the layer lives.
+~340. The arithmetic is autocast's (bf16 operands, float32 accumulation, a bf16 output) up
+to summation order, except that a fused activation is applied before the one rounding to
+bf16 instead of after it. The cache costs one bf16 copy of each layer's weight (about
+170 MB for vit_b) for as long as the layer lives or until :func:`clear_bf16_cache`.
+
+A cached copy is renewed when its parameter's version or storage changes: an optimiser step,
+``load_state_dict``, ``param.copy_``, ``param.data = t`` or a new Parameter. Writes that
+PyTorch does not count, in place through ``param.data`` (``param.data.copy_(t)``, as some
+weight-averaging libraries do), are not seen: call :func:`clear_bf16_cache` after them.
 
 The oneDNN ops have no autograd formula, so they run only when no gradient is needed;
 otherwise, and for anything but a plain hook-free ``nn.Linear`` on the CPU (a LoRA wrapper
@@ -26,6 +32,8 @@ Public API
     ``act(layer(x))``.
 ``onednn_linear_dtype(x, layer)``
     Which oneDNN path ``fast_linear`` takes for these arguments (None: the module's forward).
+``clear_bf16_cache(module=None)``
+    Drop the cached bf16 weights of ``module``'s linears (of every layer: None).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ONEDNN_ACTIVATIONS", "fast_linear", "onednn_linear_dtype"]
+__all__ = ["ONEDNN_ACTIVATIONS", "clear_bf16_cache", "fast_linear", "onednn_linear_dtype"]
 
 #: activation name -> (oneDNN post-op attr, algorithm)
 ONEDNN_ACTIVATIONS = {
@@ -123,6 +131,16 @@ def _bf16_weights(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         bias_ref = (lambda: None) if bias is None else weakref.ref(bias)
         _bf16_cache[layer] = (versions, weakref.ref(weight), bias_ref, packed, bias16)
     return packed, bias16
+
+
+def clear_bf16_cache(module: nn.Module | None = None) -> int:
+    """Drop the cached bf16 weights of the linears in ``module`` (every cached layer when
+    None), e.g. after writing weights through ``param.data``; returns how many were dropped."""
+    layers = list(_bf16_cache.keys()) if module is None else list(module.modules())
+    dropped = 0
+    for layer in layers:
+        dropped += _bf16_cache.pop(layer, None) is not None
+    return dropped
 
 
 def fast_linear(layer: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
