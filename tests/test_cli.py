@@ -106,7 +106,8 @@ def test_train_on_an_existing_model_refuses_architecture_flags(tmp_path, capsys,
 #: docstring documents them (Adam 1e-4, ExponentialLR 0.98, 30 epochs of one pass, batch 4,
 #: 1024 px, lambda_max 1, CGRL; tiny*: 0.5 µm/px (20x), 256-px crops, a 10x larger learning
 #: rate decaying to ~7 % over 30 epochs of 100 steps, averaged weights, clipped gradients,
-#: no adversarial alignment, 10 % for validation).
+#: three primary tiles and one auxiliary per batch, no adversarial alignment, 10 % for
+#: validation).
 TRAIN_HELP_DEFAULTS = {
     "--epochs": "default 30",
     "--steps-per-epoch": "default one pass over the primary images for vit_*, 100 for tiny*",
@@ -120,7 +121,7 @@ TRAIN_HELP_DEFAULTS = {
     "--model-mpp": "default the primary's mpp for vit_*, 0.5 µm/px (20x) for tiny*",
     "--ema-decay": "default 0.0 for vit_*, 0.995 for tiny*",
     "--grad-clip": "default 0.0 for vit_*, 1.0 for tiny*",
-    "--primary-share": "default 0.5",
+    "--primary-share": "default 0.5 for vit_*, 0.75 for tiny*",
 }
 
 
@@ -155,7 +156,7 @@ def test_train_help_states_the_defaults_a_run_gets(tmp_path, capsys):
     _, settings = new_run_config(args, "tiny_conv")
     assert settings == dict(image_size=256, alignment="none", lambda_max=0.1, epochs=30,
                             steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.915,
-                            primary_share=0.5, val_fraction=0.1, model_mpp=0.5,
+                            primary_share=0.75, val_fraction=0.1, model_mpp=0.5,
                             ema_decay=0.995, grad_clip=1.0)
 
 

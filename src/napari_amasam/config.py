@@ -476,8 +476,10 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     crops, a 10x larger learning rate that decays to ~7 % over 30 epochs of 100 steps (3000
     steps: 20.3 minutes measured on a 2-core Zen 4 CPU in bf16 mixed precision, validation and
     the threshold search included; about 32 minutes on a CPU without bf16 arithmetic),
-    averaged weights (``ema_decay``) and clipped gradients (``grad_clip``),
-    no adversarial alignment (a random encoder still learning what a nucleus is gains from the
+    averaged weights (``ema_decay``) and clipped gradients (``grad_clip``), three primary
+    tiles and one auxiliary tile per batch of 4 (``primary_share`` 0.75: seed 0 on 7 held-out
+    MoNuSeg images Dice/AJI 0.799/0.500 against 0.794/0.489 at 0.5, and on CPM-15 0.815/0.579
+    against 0.788/0.548), no adversarial alignment (a random encoder still learning what a nucleus is gains from the
     auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.010 AJI
     without it, and on a GPU at 3000 steps +0.033, one seed each), and 10 % of the primary
     images for validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
@@ -493,7 +495,7 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     """
     if backbone in RANDOM_BACKBONES:
         return dict(image_size=256, alignment="none", lambda_max=0.1, epochs=30,
-                    steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.915, primary_share=0.5,
+                    steps_per_epoch=100, batch_size=4, lr=1e-3, lr_gamma=0.915, primary_share=0.75,
                     val_fraction=0.1, model_mpp=0.5, ema_decay=0.995, grad_clip=1.0)
     return dict(image_size=1024, alignment="cgrl", lambda_max=1.0, epochs=30, steps_per_epoch=0,
                 batch_size=4, lr=1e-4, lr_gamma=0.98, primary_share=0.5, val_fraction=0.2,
