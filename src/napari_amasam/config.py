@@ -316,7 +316,8 @@ class TrainConfig:
     batch_size : int
         Tiles per step.
     primary_share : float
-        Fraction of each batch drawn from the primary domain (when auxiliaries exist).
+        Fraction of each batch drawn from the primary domain (when auxiliaries exist);
+        ``train_defaults`` gives the tiny* backbones 0.75 (the CLI and widget use it).
     lr, weight_decay : float
         Adam(W) learning rate and decoupled weight decay.
     lr_gamma : float
@@ -478,8 +479,8 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     and the threshold search included; about 32 minutes on a CPU without bf16 arithmetic),
     averaged weights (``ema_decay``) and clipped gradients (``grad_clip``), three primary
     tiles and one auxiliary tile per batch of 4 (``primary_share`` 0.75: seed 0 on 7 held-out
-    MoNuSeg images Dice/AJI 0.799/0.500 against 0.794/0.489 at 0.5, and on CPM-15 0.815/0.579
-    against 0.788/0.548), no adversarial alignment (a random encoder still learning what a nucleus is gains from the
+    MoNuSeg images Dice/AJI 0.799/0.500 against 0.794/0.489 for the previous run's seed 0 at
+    0.5, and on CPM-15 0.815/0.579 against 0.788/0.548), no adversarial alignment (a random encoder still learning what a nucleus is gains from the
     auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.010 AJI
     without it, and on a GPU at 3000 steps +0.033, one seed each), and 10 % of the primary
     images for validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
@@ -506,7 +507,7 @@ def lr_gamma_for_epochs(backbone: str, epochs: int) -> float:
     """The per-epoch learning-rate decay a run of ``epochs`` epochs gets when no gamma is
     given: ``vit_*`` keep the paper's fixed 0.98 per epoch; the tiny* recipe decays to the
     same fraction of the initial rate at the end (~7 %) whatever the number of epochs, so a
-    shortened schedule (the demo's 10 epochs: 0.766) still anneals."""
+    shortened schedule (the demo's 15 epochs: 0.8372) still anneals."""
     defaults = train_defaults(backbone)
     if backbone not in RANDOM_BACKBONES or epochs == defaults["epochs"]:
         return defaults["lr_gamma"]
