@@ -480,8 +480,9 @@ def train_defaults(backbone: str) -> dict[str, Any]:
     averaged weights (``ema_decay``) and clipped gradients (``grad_clip``), three primary
     tiles and one auxiliary tile per batch of 4 (``primary_share`` 0.75: seed 0 on 7 held-out
     MoNuSeg images Dice/AJI 0.799/0.500 against 0.794/0.489 for the previous run's seed 0 at
-    0.5, and on CPM-15 0.815/0.579 against 0.788/0.548), no adversarial alignment (a random encoder still learning what a nucleus is gains from the
-    auxiliary data but loses from the reversed gradient: measured at 600 steps, +0.010 AJI
+    0.5, and on CPM-15 0.815/0.579 against 0.788/0.548), no adversarial alignment (a
+    random encoder still learning what a nucleus is gains from the auxiliary data but loses
+    from the reversed gradient: measured at 600 steps, +0.010 AJI
     without it, and on a GPU at 3000 steps +0.033, one seed each), and 10 % of the primary
     images for validation (cheap at 20x). ``--alignment cgrl`` still trains the full AMA-SAM objective.
     Measured in benchmarks/bench_quality.py.

@@ -255,10 +255,10 @@ def rel_pos_attention(
     return out
 
 
-#: Below this key-grid width a bf16/fp16 bias on the CPU is built with a matrix product: the broadcast
-#: add of reduced-precision rows that short is not vectorised (a windowed vit_b block, 14 x
-#: 14 keys: 19 ms in bf16 vs 4 ms in float32, 4 ms as a bf16 product); float32 and wide
-#: grids (a global block's 64 x 64) add faster.
+#: Below this key-grid width a bf16/fp16 bias on the CPU is built with a matrix product:
+#: the broadcast add of reduced-precision rows that short is not vectorised (a windowed
+#: vit_b block, 14 x 14 keys: 19 ms in bf16 vs 4 ms in float32, 4 ms as a bf16 product);
+#: float32 and wide grids (a global block's 64 x 64) add faster.
 _SELECTOR_BIAS_MAX_WIDTH = 32
 
 
