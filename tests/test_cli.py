@@ -100,6 +100,42 @@ def test_train_on_an_existing_model_refuses_architecture_flags(tmp_path, capsys,
     assert "architecture" not in err and ("no weights.pt" in err or "nothing to resume" in err), err
 
 
+def test_resume_refuses_training_settings_it_would_ignore(tmp_path, capsys):
+    """--resume continues with the recorded settings: a flag that would change one is an error
+    naming the flag and the recorded value; the recorded value itself, --epochs, --max-steps
+    and --fp32 pass (on to the next check: this folder has nothing to resume)."""
+    from napari_amasam.config import ModelConfig, TrainConfig
+    from napari_amasam.model_folder import write_config
+
+    model = tmp_path / "m"
+    model.mkdir()
+    data = tmp_path / "data"
+    write_config(model, ModelConfig(backbone="tiny"),
+                 TrainConfig(out=str(model), primary=str(data), lr=1e-3, batch_size=4, seed=3,
+                             mpp=0.25, model_mpp=0.5, primary_share=0.75), {}, mpp=0.5)
+    run = ["train", "--resume", str(model)]
+    for flags, named, recorded in ((["--lr", "0.01"], "--lr 0.01", "lr 0.001"),
+                                   (["--batch-size", "8"], "--batch-size 8", "batch_size 4"),
+                                   (["--seed", "1"], "--seed 1", "seed 3"),
+                                   (["--primary", str(tmp_path / "other")], "--primary ",
+                                    f"primary {data}"),
+                                   (["--aux", str(data)], "--aux ", "aux []"),
+                                   (["--mpp", "0.5"], "--mpp 0.5", "mpp 0.25"),
+                                   (["--primary-share", "0.5"], "--primary-share 0.5",
+                                    "primary_share 0.75"),
+                                   (["--no-augment"], "--no-augment", "augmentation")):
+        assert main(run + flags) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"napari-amasam: error: {named}"), err
+        assert str(model) in err[0] and recorded in err[0] and "--resume" in err[0], err
+    same = ["--lr", "0.001", "--batch-size", "4", "--seed", "3", "--primary",
+            str(tmp_path / "." / "data"), "--mpp", "0.25", "--model-mpp", "0.5",
+            "--primary-share", "0.75", "--epochs", "40", "--max-steps", "10", "--fp32"]
+    assert main(run + same) == 2
+    err = capsys.readouterr().err
+    assert "recorded settings" not in err and "nothing to resume" in err, err
+
+
 #: The defaults ``train --help`` must show, stated by hand (not read from
 #: config.train_defaults, so that the test fails if the help or the defaults drift): the
 #: paper's protocol for vit_* and the CPU recipe for tiny*, as config.train_defaults's

@@ -123,7 +123,8 @@ def add_train_parser(sub) -> None:
                         "computes it natively: bf16 on CPUs with AVX-512 BF16 or AMX, bf16 or "
                         "fp16 on CUDA; validation and inference follow the model's precision, "
                         "segment --precision)")
-    p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt")
+    p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt with its recorded settings "
+                        "(--epochs, --max-steps and --fp32 may change; other settings may not)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (when the new one is first saved)")
     p.add_argument("--seed", type=int, default=0)
@@ -204,6 +205,63 @@ def check_architecture_unchanged(args, folder, how: str) -> None:
                           "train a new model)")
 
 
+#: Training-setting flags that ``--resume`` cannot change: (flag, argparse dest, TrainConfig
+#: field). A resumed run continues with its recorded settings (``--epochs``, ``--max-steps``
+#: and ``--fp32`` are the exceptions: they extend the run or switch its precision).
+RESUME_FIXED_FLAGS = (
+    ("--primary", "primary", "primary"),
+    ("--aux", "aux", "aux"),
+    ("--mpp", "mpp", "mpp"),
+    ("--aux-mpp", "aux_mpp", "aux_mpp"),
+    ("--model-mpp", "model_mpp", "model_mpp"),
+    ("--steps-per-epoch", "steps_per_epoch", "steps_per_epoch"),
+    ("--batch-size", "batch_size", "batch_size"),
+    ("--lr", "lr", "lr"),
+    ("--lr-gamma", "lr_gamma", "lr_gamma"),
+    ("--primary-share", "primary_share", "primary_share"),
+    ("--val-fraction", "val_fraction", "val_fraction"),
+    ("--ema-decay", "ema_decay", "ema_decay"),
+    ("--grad-clip", "grad_clip", "grad_clip"),
+    ("--seed", "seed", "seed"),
+)
+
+
+def _same_setting(given, recorded, dest: str) -> bool:
+    if dest in ("primary", "aux"):  # folders: the same folder however it is written
+        as_paths = [given] if dest == "primary" else list(given)
+        recorded_paths = [recorded] if dest == "primary" else list(recorded or [])
+        return [Path(p).resolve() for p in as_paths] == [Path(p).resolve() for p in recorded_paths]
+    if dest == "aux_mpp":
+        return list(given) == list(recorded or [])
+    return given == recorded
+
+
+def check_resume_settings_unchanged(args, folder) -> None:
+    """Refuse training-setting flags that ``--resume`` would silently ignore: the run goes on
+    with the settings recorded in ``folder`` (its config.json, and its last.pt's optimizer and
+    schedule). A flag equal to the recorded value changes nothing and passes."""
+    recorded_train = folder.train
+    if recorded_train is None:
+        return  # resume_config says what is missing
+    unset = {"aux": [], "seed": 0}  # argparse defaults that mean "not given"
+    for flag, dest, field_name in RESUME_FIXED_FLAGS:
+        given = getattr(args, dest)
+        if given is None or (dest in unset and given == unset[dest]):
+            continue
+        recorded = getattr(recorded_train, field_name)
+        if _same_setting(given, recorded, dest):
+            continue
+        shown = " ".join(map(str, given)) if isinstance(given, list) else given
+        raise ConfigError(f"{flag} {shown}: {folder.path} was trained with {field_name} "
+                          f"{recorded}, and --resume continues a run with its recorded settings "
+                          "(only --epochs, --max-steps and --fp32 may change; leave the flag "
+                          "out, or train a new model)")
+    if args.no_augment and recorded_train.augment:
+        raise ConfigError(f"--no-augment: {folder.path} was trained with augmentation, and "
+                          "--resume continues a run with its recorded settings (leave the flag "
+                          "out, or train a new model)")
+
+
 def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, dict]:
     """The TrainConfig of a new run (a new model, or a new task with ``--continue-from``)
     from the command line, and the merged settings (``train_defaults(backbone)`` overridden
@@ -271,6 +329,7 @@ def cmd_train(args) -> int:
                                   amp=args.amp)
         resumed = read_model_folder(args.resume)
         check_architecture_unchanged(args, resumed, "--resume")
+        check_resume_settings_unchanged(args, resumed)
         model_cfg = resumed.model
     else:
         if not args.primary or not args.out:
