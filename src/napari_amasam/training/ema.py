@@ -46,9 +46,11 @@ class WeightAverage:
         """Fold the current weights in (call after each optimiser step)."""
         self.updates += 1
         decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for name, param in self._params.items():
-            average = self.average[name]
-            average.lerp_(param.detach().to(average.dtype), 1.0 - decay)
+        averages = [self.average[name] for name in self._params]
+        params = [param.detach().to(average.dtype)
+                  for param, average in zip(self._params.values(), averages, strict=True)]
+        # one multi-tensor kernel instead of a lerp per parameter (~140 for tiny_conv)
+        torch._foreach_lerp_(averages, params, 1.0 - decay)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged trainable weights, buffers as they are now (detached copies, the
