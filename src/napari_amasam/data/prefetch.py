@@ -49,9 +49,10 @@ class BatchPrefetcher:
         return current.result()
 
     def close(self) -> None:
-        """Stop the worker: a queued batch is dropped, one being drawn finishes on its own."""
+        """Stop the worker: a queued batch is dropped, one being drawn is waited for (so that
+        nothing touches the sampler after this returns)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._next = None, None
 
     def __enter__(self) -> BatchPrefetcher:
