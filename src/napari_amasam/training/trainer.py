@@ -272,7 +272,6 @@ def train(
     """
     from ..data import DomainDataset, MultiDomainSampler, check_folders, find_pairs, split_train_val
     from ..data.io import read_image, read_labels
-    from ..data.prefetch import BatchPrefetcher
     from ..model import build_amasam, lambda_schedule
     from ..model.kinds import parameter_summary
 
@@ -447,7 +446,7 @@ def train(
                 break
             epoch = step // steps_per_epoch + 1
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batches.batch(step).items()}
+                     for k, v in sampler.batch(step).items()}
             progress = step / max(1, total_steps - 1)
             lam = lambda_schedule(progress, model_cfg.lambda_max, model_cfg.lambda_schedule)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -526,7 +525,6 @@ def train(
     cancelled = False
     saved_step = start_step if resume else -1  # the step last.pt holds
     epoch_losses: list[float] = []
-    batches = BatchPrefetcher(sampler)  # step + 1 is drawn while step trains
     try:
         yield from _loop()
     except GeneratorExit:
@@ -538,8 +536,6 @@ def train(
         if work != out:  # failed before its first save: nothing worth keeping
             shutil.rmtree(work, ignore_errors=True)
         raise
-    finally:
-        batches.close()
 
     if cancelled and is_main:
         if step != saved_step:
