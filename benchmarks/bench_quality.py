@@ -59,7 +59,10 @@ def link_split(src: Path, dst: Path, exclude: tuple[str, ...]) -> Path:
                 continue
             link = dst / sub / path.name
             if not link.exists():
-                link.symlink_to(path.resolve())
+                try:
+                    link.symlink_to(path.resolve())
+                except FileExistsError:  # another seed's process (run side by side) made it
+                    pass
     return dst
 
 

@@ -123,7 +123,8 @@ def add_train_parser(sub) -> None:
                         "computes it natively: bf16 on CPUs with AVX-512 BF16 or AMX, bf16 or "
                         "fp16 on CUDA; validation and inference follow the model's precision, "
                         "segment --precision)")
-    p.add_argument("--resume", metavar="MODEL_DIR", help="continue a run from MODEL_DIR/last.pt with its recorded settings "
+    p.add_argument("--resume", metavar="MODEL_DIR",
+                   help="continue a run from MODEL_DIR/last.pt with its recorded settings "
                         "(--epochs, --max-steps and --fp32 may change; other settings may not)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (when the new one is first saved)")
