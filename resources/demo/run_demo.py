@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--out", default="demo_output")
     # The CLI's tiny_conv defaults run 3000 steps (16-20 min on 2 Zen 4 cores); the demo keeps
     # every other default and shortens the schedule to 1500 steps to fit its 10-minute budget
-    # (7 min 52 s in all on that CPU); the CLI then decays the learning rate to the same ~7 %
+    # (7 min 40 s in all on that CPU, 2026-12-07); the CLI then decays the learning rate to the same ~7 %
     # at the end (config.lr_gamma_for_epochs: 0.8372 per epoch for 15 epochs). 1000 steps ran
     # 5 min 43 s but left the model behind the classical baseline on PQ (0.365 vs 0.368).
     parser.add_argument("--epochs", type=int, default=15)
@@ -67,7 +67,7 @@ def main() -> int:
     # encoder trains (random weights, nothing pretrained to keep), the network works at 20x
     # (0.5 µm/px: the primary folder is already there, TNBC at 40x is rescaled), lr 1e-3
     # decaying per epoch, averaged weights, no adversarial term (measured better for tiny*).
-    # 20 % of the primary tiles (4 of 23) for validation instead of 10 % (2): after 1000-1500 steps
+    # 20 % of the primary tiles (5 of 23) for validation instead of 10 % (2): after 1000-1500 steps
     # the distance heads are still young, and which instance method the threshold search
     # picks (distance watershed or EDT) decides the held-out AJI; two validation images
     # picked the worse one in one of two runs (0.394 instead of 0.441 held-out AJI).
