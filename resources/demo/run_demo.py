@@ -43,9 +43,10 @@ def main() -> int:
     parser.add_argument("--out", default="demo_output")
     # The CLI's tiny_conv defaults run 3000 steps (16-20 min on 2 Zen 4 cores); the demo keeps
     # every other default and shortens the schedule to 1500 steps to fit its 10-minute budget
-    # (7 min 40 s in all on that CPU, 2026-12-07); the CLI then decays the learning rate to the same ~7 %
-    # at the end (config.lr_gamma_for_epochs: 0.8372 per epoch for 15 epochs). 1000 steps ran
-    # 5 min 43 s but left the model behind the classical baseline on PQ (0.365 vs 0.368).
+    # (7 min 40 s in all on that CPU, 2026-12-07); the CLI then decays the learning rate to
+    # the same ~7 % at the end (config.lr_gamma_for_epochs: 0.8372 per epoch for 15 epochs).
+    # 1000 steps ran 5 min 43 s but left the model behind the classical baseline on PQ
+    # (0.365 vs 0.368).
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--lr-gamma", type=float, default=None,
