@@ -117,6 +117,7 @@ def test_resume_refuses_training_settings_it_would_ignore(tmp_path, capsys):
     for flags, named, recorded in ((["--lr", "0.01"], "--lr 0.01", "lr 0.001"),
                                    (["--batch-size", "8"], "--batch-size 8", "batch_size 4"),
                                    (["--seed", "1"], "--seed 1", "seed 3"),
+                                   (["--seed", "0"], "--seed 0", "seed 3"),
                                    (["--primary", str(tmp_path / "other")], "--primary ",
                                     f"primary {data}"),
                                    (["--aux", str(data)], "--aux ", "aux []"),

@@ -128,7 +128,8 @@ def add_train_parser(sub) -> None:
                         "(--epochs, --max-steps and --fp32 may change; other settings may not)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder at --out (when the new one is first saved)")
-    p.add_argument("--seed", type=int, default=0)
+    # None = not given (default 0), so that --resume can tell an explicit --seed 0 apart
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--trainable-backbone", action="store_true", default=None,
                    help="also train the encoder (the default for the random-weight tiny backbones)")
     p.add_argument("--frozen-backbone", dest="trainable_backbone", action="store_false",
@@ -244,10 +245,9 @@ def check_resume_settings_unchanged(args, folder) -> None:
     recorded_train = folder.train
     if recorded_train is None:
         return  # resume_config says what is missing
-    unset = {"aux": [], "seed": 0}  # argparse defaults that mean "not given"
     for flag, dest, field_name in RESUME_FIXED_FLAGS:
         given = getattr(args, dest)
-        if given is None or (dest in unset and given == unset[dest]):
+        if given is None or (dest == "aux" and not given):  # not given (aux defaults to [])
             continue
         recorded = getattr(recorded_train, field_name)
         if _same_setting(given, recorded, dest):
@@ -303,7 +303,8 @@ def new_run_config(args, backbone: str, continuing=None) -> tuple[TrainConfig, d
         model_mpp=working, primary_share=settings["primary_share"],
         val_fraction=settings["val_fraction"], ema_decay=settings["ema_decay"],
         grad_clip=settings["grad_clip"], augment=not args.no_augment, device=args.device,
-        seed=args.seed, num_threads=args.threads, amp=args.amp is not False,
+        seed=0 if args.seed is None else args.seed, num_threads=args.threads,
+        amp=args.amp is not False,
         continue_from=None if continuing is None else args.continue_from,
     )
     return train_cfg, settings
