@@ -57,12 +57,10 @@ def link_split(src: Path, dst: Path, exclude: tuple[str, ...]) -> Path:
         for path in sorted((src / sub).iterdir()):
             if path.stem in exclude:
                 continue
-            link = dst / sub / path.name
-            if not link.exists():
-                try:
-                    link.symlink_to(path.resolve())
-                except FileExistsError:  # another seed's process (run side by side) made it
-                    pass
+            try:
+                (dst / sub / path.name).symlink_to(path.resolve())
+            except FileExistsError:  # made by an earlier run, or by a seed run side by side
+                pass
     return dst
 
 
