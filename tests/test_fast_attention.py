@@ -289,3 +289,54 @@ def test_relative_position_bias_is_the_broadcast_sum_bit_for_bit(dtype, grid):
     bias = torch.empty(2, 3, height, width, height, width, dtype=dtype)
     fa._write_bias(rel_h, rel_w, bias)
     assert torch.equal(bias, rel_h[..., :, None] + rel_w[..., None, :])
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3000, 10_000, 10**9])
+def test_bf16_inference_attention_by_products_matches_float32(monkeypatch, block_bytes):
+    # CPU bf16 inference runs bias + scale * q k^T -> softmax -> @ v as oneDNN bf16 products
+    # in query blocks. Grid 7x5, 2 heads: a query row of bf16 logits is 2*5*35*2 = 700 bytes,
+    # an item 4900: 1 -> one row per block, 3000 -> 4 rows (7 do not divide), 10000 -> two
+    # items per block (3 do not divide), 1e9 -> one block.
+    monkeypatch.setattr(fa, "_GEMM_SOFTMAX_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(6)
+    batch, heads, grid, channels = 3, 2, (7, 5), 16
+    tokens = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, heads, tokens, channels) for _ in range(3))
+    rel_pos_h, rel_pos_w = torch.randn(13, channels) * 0.5, torch.randn(9, channels) * 0.5
+    scale = channels**-0.5
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.no_grad():
+        # float32 on the same bf16-rounded inputs: what is left is the attention's own error
+        expected = fa.rel_pos_attention(
+            q16.float(), k16.float(), v16.float(), scale,
+            rel_pos_h.bfloat16().float(), rel_pos_w.bfloat16().float(), grid,
+        )
+        assert fa._use_gemm_softmax(q16) and not fa._use_gemm_softmax(q)
+        actual = fa.rel_pos_attention(q16, k16, v16, scale, rel_pos_h, rel_pos_w, grid)
+        rel_h, rel_w = fa.rel_pos_bias_terms(q16, rel_pos_h, rel_pos_w, grid)
+        assert torch.equal(actual, fa._gemm_softmax_attention(q16, k16, v16, scale, rel_h, rel_w))
+        # the fused kernel in bf16, for the size of a bf16 error
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
+        fused = torch.nn.functional.scaled_dot_product_attention(
+            q16, k16, v16, attn_mask=bias, scale=scale
+        ).transpose(1, 2)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (batch, tokens, heads, channels)
+    error = (actual.float() - expected).abs()
+    fused_error = (fused.float() - expected).abs()
+    assert error.max() <= 2e-2 * expected.abs().max()
+    assert error.pow(2).mean().sqrt() <= 2 * fused_error.pow(2).mean().sqrt()
+
+
+def test_bf16_attention_with_gradient_keeps_the_fused_kernel():
+    # The products path reuses one logits buffer: with autograd recording it must not run.
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 35, 16, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    tables = torch.randn(13, 16) * 0.5, torch.randn(9, 16) * 0.5
+    out = fa.rel_pos_attention(q, k, v, 0.25, *tables, (7, 5))
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+    with torch.no_grad():
+        rel_h, rel_w = fa.rel_pos_bias_terms(q, *tables, (7, 5))
+        products = fa._gemm_softmax_attention(q, k, v, 0.25, rel_h, rel_w)
+    assert not torch.equal(out.detach(), products)
