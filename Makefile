@@ -53,8 +53,10 @@ napari: setup
 benchmark: setup
 	$(PY) benchmarks/bench_encoder.py
 
+# ruff is a developer tool, not a test dependency: installed here on first use.
 lint: setup
-	$(VENV)/bin/python -m ruff check src tests
+	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check src tests
 
 clean:
 	rm -rf $(VENV) demo_output build dist src/*.egg-info

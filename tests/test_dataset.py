@@ -27,7 +27,6 @@ from napari_amasam.errors import DataError
 from .helpers import CONSEP, MONUSEG, TNBC
 
 
-
 @pytest.fixture(scope="module")
 def tnbc_pairs() -> list[Pair]:
     return find_pairs(TNBC)[:3]

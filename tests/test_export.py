@@ -10,10 +10,12 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import tifffile
+
 from napari_amasam import export
 from napari_amasam.qupath_import import features_to_labels
 
 from .helpers import TNBC
+
 TNBC_ID = "01_1"
 
 

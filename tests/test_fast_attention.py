@@ -14,6 +14,7 @@ import torch
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
 
+from napari_amasam.device import cpu_has_native_bf16
 from napari_amasam.model import fast_attention as fa
 from napari_amasam.model.fast_attention import (
     FastAttention,
@@ -298,6 +299,9 @@ def test_bf16_inference_attention_by_products_matches_float32(monkeypatch, block
     # an item 4900: 1 -> one row per block, 3000 -> 4 rows (7 do not divide), 10000 -> two
     # items per block (3 do not divide), 1e9 -> one block.
     monkeypatch.setattr(fa, "_GEMM_SOFTMAX_BLOCK_BYTES", block_bytes)
+    # Taken only where the CPU computes bf16 natively; forced here so that it is checked on
+    # every CPU (emulated bf16 gives the same roundings, only slower).
+    monkeypatch.setattr(fa, "_cpu_has_native_bf16", lambda: True)
     torch.manual_seed(6)
     batch, heads, grid, channels = 3, 2, (7, 5), 16
     tokens = grid[0] * grid[1]
@@ -340,3 +344,33 @@ def test_bf16_attention_with_gradient_keeps_the_fused_kernel():
         rel_h, rel_w = fa.rel_pos_bias_terms(q, *tables, (7, 5))
         products = fa._gemm_softmax_attention(q, k, v, 0.25, rel_h, rel_w)
     assert not torch.equal(out.detach(), products)
+
+
+def test_bf16_products_path_is_chosen_only_where_it_pays():
+    q = torch.zeros(1, 2, 35, 16)
+    assert fa._use_gemm_softmax(q.bfloat16()) == cpu_has_native_bf16()
+    assert not fa._use_gemm_softmax(q) and not fa._use_gemm_softmax(q.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("needs_grad", ["k", "v"])
+def test_gradient_through_keys_or_values_alone_matches_reference(dtype, needs_grad):
+    # Only the keys (or values) need a gradient: autograd still records, so neither the
+    # reused bias buffer nor an ``out=`` product may be used (several chunks here).
+    torch.manual_seed(8)
+    grid, tables = (7, 5), (torch.randn(13, 16) * 0.5, torch.randn(9, 16) * 0.5)
+    q, k, v = (torch.randn(2, 2, 35, 16).to(dtype) for _ in range(3))
+    leaf = {"k": k, "v": v}[needs_grad].requires_grad_()
+    out = fa.rel_pos_attention(q, k, v, 0.25, *tables, grid, max_mask_bytes=1)
+    weights = torch.randn(out.shape).to(dtype)
+    (out.float() * weights.float()).sum().backward()
+    fast_grad = leaf.grad.float()
+    # The same attention written out in float32 through autograd.
+    rel_h, rel_w = fa.rel_pos_bias_terms(q.float(), *tables, grid)
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(2, 2, 35, 35)
+    qf, kf, vf = q.float(), k.float().detach(), v.float().detach()
+    reference_leaf = {"k": kf, "v": vf}[needs_grad].requires_grad_()
+    attn = torch.softmax(qf @ kf.transpose(-1, -2) * 0.25 + bias, dim=-1)
+    ((attn @ vf).transpose(1, 2) * weights.float()).sum().backward()
+    expected = reference_leaf.grad
+    _assert_close(fast_grad, expected, rel=1e-4 if dtype == torch.float32 else 5e-2)

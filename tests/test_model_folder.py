@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
+from napari_amasam import model_folder as mf
 from napari_amasam.config import ModelConfig, PostprocessConfig, TrainConfig
 from napari_amasam.device import resolve_device
 from napari_amasam.errors import CheckpointError, DeviceError
-from napari_amasam import model_folder as mf
 
 
 def _vit_folder(tmp_path, checkpoint):

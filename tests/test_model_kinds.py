@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .helpers import tiny_model_config
 
 from napari_amasam.config import ConfigError, ModelConfig
 from napari_amasam.model import build_amasam
+
+from .helpers import tiny_model_config
 
 
 def _meta_build(kind: str):

@@ -48,7 +48,7 @@ def two_task_model():
 
 def test_calibration_scores_every_training_tile_by_a_vae_that_did_not_see_its_image(two_task_model):
     _, reports, _ = two_task_model
-    for report, n_images in zip(reports, (10, 6)):
+    for report, n_images in zip(reports, (10, 6), strict=True):
         assert report["folds"] == 4
         assert report["held_out_tiles"] == report["fit_tiles"] == n_images * 25  # 5x5 tiles each
         assert math.isfinite(report["threshold"])

@@ -451,9 +451,8 @@ def check_segment_outputs(images: list[Path], out: Path, geojson: bool, csv: boo
     Outputs are named by stem, so ``a.png`` and ``a.tif`` would write the same files; an
     existing result is replaced only with ``overwrite``.
     """
-    from .errors import OutputError
-
     from .atomic import check_can_create
+    from .errors import OutputError
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: --out names a file; give a folder for the results")

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from . import __version__
+
 # atomic_write_* are re-exported: callers import them from here.
 from .atomic import (  # noqa: F401
     atomic_write_bytes,

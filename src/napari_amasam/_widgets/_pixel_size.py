@@ -20,7 +20,7 @@ def _from_scale(layer) -> float | None:
     factors = [_MICRONS.get(u.strip().lower()) for u in units]
     if None in factors:  # "pixel" (napari's default) or an unknown unit
         return None
-    mpp = [s * f for s, f in zip(scale, factors)]
+    mpp = [s * f for s, f in zip(scale, factors, strict=True)]
     return mpp[-1] if mpp[-1] > 0 else None
 
 

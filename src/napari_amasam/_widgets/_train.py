@@ -34,6 +34,7 @@ from ._plot import TrainingPlot
 from ._settings import applying_defaults, bind
 from ._workers import Job
 
+
 def default_backbone() -> str:
     """``tiny_conv`` on a machine without a CUDA GPU (the random CPU backbone that learns
     best, as `make demo` trains it; vit_b at 1024 px takes hours per epoch on a CPU, and no

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def safe_stem(name: str) -> str:
     """A file-name stem from a layer name (letters, digits, ``-``, ``_``, ``.``)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")

@@ -26,9 +26,9 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from .adapters import encode_with_early_features, first_global_block, insert_adapters
 from .backbone import (
-    ConvStemPatchEmbed,
     PIXEL_MEAN,
     PIXEL_STD,
+    ConvStemPatchEmbed,
     build_sam_from_config,
     key_mismatch,
     load_sam_weights,

@@ -15,7 +15,7 @@ page-fault cost of touching a fresh 805 MB allocation.
 
 In bf16 inference on the CPU, where that fused kernel is no faster than in float32, the
 same result comes from oneDNN's bf16 matrix products instead (:func:`_gemm_softmax_attention`,
-about 1.6x faster for a global vit_b block).
+1.6x faster for a global vit_b block).
 
 The q/k/v and output projections (and the MLP's linears) go through
 :func:`~.fast_linear.fast_linear`: oneDNN's linear, in float32 or, under CPU bf16 autocast,
@@ -42,6 +42,7 @@ Public API
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -57,6 +58,7 @@ from segment_anything.modeling.image_encoder import (
 )
 from torch import nn
 
+from ..device import cpu_has_native_bf16
 from .fast_linear import fast_linear
 
 __all__ = [
@@ -216,9 +218,12 @@ def rel_pos_attention(
 
     rel_h, rel_w = rel_pos_bias_terms(q, rel_pos_h, rel_pos_w, size)
     # The fused CPU kernel only accepts a bias that needs no gradient; with a gradient SDPA
-    # falls back to the reference math (still exact). Reusing one buffer is only safe when
-    # autograd does not keep the bias for the backward pass.
-    needs_grad = torch.is_grad_enabled() and rel_h.requires_grad
+    # falls back to the reference math (still exact). Reusing one buffer (and writing with
+    # ``out=``) is only safe when autograd records nothing: none of q, k, v or the tables
+    # needs a gradient.
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, rel_h, rel_w)
+    )
     bytes_per_row = heads * width * tokens * rel_h.element_size()
     if max_mask_bytes is None:
         cpu = q.device.type == "cpu"
@@ -241,11 +246,28 @@ def rel_pos_attention(
 
     if _use_gemm_softmax(q):
         return _gemm_softmax_attention(q, k, v, scale, rel_h, rel_w)
+    return _fused_attention(q, k, v, scale, rel_h, rel_w, chunks)
 
-    # Inference: one flat bias buffer reused by every chunk (a leading slice of it is a
-    # contiguous chunk even when the last chunk is smaller), and one output written in place
-    # in the (B, N, heads, C) layout, so the only copy of the result is the transpose the
-    # reference also makes.
+
+def _fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    chunks: list[tuple[int, int, int, int]],
+) -> torch.Tensor:
+    """Inference attention through SDPA's fused kernel, the bias written chunk by chunk.
+
+    Shapes as in :func:`_gemm_softmax_attention`; ``chunks`` from :func:`_query_chunks`.
+    One flat bias buffer is reused by every chunk (a leading slice of it is a contiguous
+    chunk even when the last chunk is smaller), and one output written in place in the
+    ``(B, N, heads, C)`` layout, so the only copy of the result is the transpose the
+    reference also makes.
+    """
+    batch, heads, tokens, channels = q.shape
+    height, width = rel_h.shape[2], rel_h.shape[3]
     b0, b1, r0, r1 = chunks[0]
     buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
     out = q.new_empty((batch, tokens, heads, channels))
@@ -303,16 +325,25 @@ _GEMM_SOFTMAX_BLOCK_BYTES = 8 * 2**20
 def _use_gemm_softmax(q: torch.Tensor) -> bool:
     """Whether inference attention on ``q`` takes :func:`_gemm_softmax_attention`.
 
-    CPU bf16 only, outside ``torch.compile``: the fused CPU attention kernel runs no faster
-    in bf16 than in float32 (a global vit_b block: 0.45 s vs 0.48 s with the bias), while
-    oneDNN's bf16 matrix products run at about twice the float32 rate on CPUs with AVX-512
-    BF16 or AMX, so three plain products and a softmax per block of queries win (0.29 s).
+    bf16 on a CPU that computes bf16 natively (AVX-512 BF16 or AMX), outside
+    ``torch.compile``: there the fused CPU attention kernel runs no faster in bf16 than in
+    float32 (a global vit_b block's attention: 0.49 s vs 0.52 s with the bias), while
+    oneDNN's bf16 matrix products run at about twice the float32 rate, so a biased product,
+    a softmax and a product per block of queries win (0.30 s; ``benchmarks/bench_attention.py``). Where bf16 is emulated
+    (``precision="bf16"`` forced on an AVX2 CPU) nothing shows the products would win.
     """
     return (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and not torch.compiler.is_compiling()
+        and _cpu_has_native_bf16()
     )
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """:func:`~napari_amasam.device.cpu_has_native_bf16`, probed once per process."""
+    return cpu_has_native_bf16()
 
 
 def _gemm_softmax_attention(
@@ -325,7 +356,8 @@ def _gemm_softmax_attention(
 ) -> torch.Tensor:
     """Inference attention as ``bias + scale * q k^T -> softmax -> @ v`` in query blocks.
 
-    ``q, k, v`` contiguous ``(B, heads, N, C)``; ``rel_h`` ``(B, heads, H, W, H)`` and
+    ``q, k, v`` ``(B, heads, N, C)`` (contiguous for speed: the per-block reshapes are then
+    views); ``rel_h`` ``(B, heads, H, W, H)`` and
     ``rel_w`` ``(B, heads, H, W, W)`` from :func:`rel_pos_bias_terms`. Each block's bias is
     written into a reused logits buffer, ``baddbmm`` adds the scaled product onto it (the
     scale applied inside the product, in float32), softmax runs in place (accumulating in
@@ -341,12 +373,12 @@ def _gemm_softmax_attention(
     bytes_per_row = heads * width * tokens * q.element_size()
     chunks = _query_chunks(batch, height, bytes_per_row, _GEMM_SOFTMAX_BLOCK_BYTES)
     b0, b1, r0, r1 = chunks[0]
-    buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
+    logits_buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
     key_t = k.transpose(-1, -2)
     out = q.new_empty((batch, tokens, heads, channels))
     for b0, b1, r0, r1 in chunks:
         items, rows = b1 - b0, (r1 - r0) * width
-        logits = buffer[: items * heads * rows * tokens]
+        logits = logits_buffer[: items * heads * rows * tokens]
         _write_bias(
             rel_h[b0:b1, :, r0:r1],
             rel_w[b0:b1, :, r0:r1],
@@ -358,10 +390,13 @@ def _gemm_softmax_attention(
             logits, queries, key_t[b0:b1].reshape(items * heads, channels, tokens),
             alpha=scale, out=logits,
         )
+        # In place through ``out=``: PyTorch's CPU softmax over the last dimension reads each
+        # row before writing it (bit-identical to out of place, checked in the tests). The
+        # bias is finite, so no row is all -inf (that would give NaN where SDPA gives 0).
         torch.softmax(logits, dim=-1, out=logits)
-        piece = torch.bmm(logits, v[b0:b1].reshape(items * heads, tokens, channels))
+        block_out = torch.bmm(logits, v[b0:b1].reshape(items * heads, tokens, channels))
         out[b0:b1, r0 * width : r1 * width].copy_(
-            piece.view(items, heads, rows, channels).transpose(1, 2)
+            block_out.view(items, heads, rows, channels).transpose(1, 2)
         )
     return out
 

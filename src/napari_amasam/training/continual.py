@@ -215,13 +215,13 @@ def calibrate_task_vae(vae, per_image: list[torch.Tensor], quantile: float, seed
     fit_task_vae(vae, everything, seed, steps)
     with torch.no_grad():
         if held_vaes:
-            residual = torch.cat([v.residuals(x) for v, x in zip(held_vaes, held_feats)])
+            residual = torch.cat([v.residuals(x) for v, x in zip(held_vaes, held_feats, strict=True)])
         else:  # a single tile: nothing to hold out, the fitted residual is all there is
             residual = vae.residuals(everything)
         log_var = residual.mean(dim=0).clamp_min(1e-4).log()
         for v in [*held_vaes, vae]:
             v.noise_log_var.copy_(log_var)
-        held_scores = (torch.cat([v.score(x) for v, x in zip(held_vaes, held_feats)])
+        held_scores = (torch.cat([v.score(x) for v, x in zip(held_vaes, held_feats, strict=True)])
                        if held_vaes else vae.score(everything))
         fit_scores = vae.score(everything)
         threshold = float(torch.quantile(held_scores, quantile))

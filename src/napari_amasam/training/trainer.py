@@ -42,10 +42,6 @@ from ..config import (
 from ..data.dataset import primary_rows
 from ..device import autocast_dtype, resolve_device
 from ..errors import AmaSamError, CheckpointError, DataError
-from . import continual
-from . import distributed as dist_utils
-from .ema import WeightAverage
-from .losses import LossWeights, amasam_loss
 from ..model_folder import (
     append_history,
     atomic_torch_save,
@@ -60,6 +56,10 @@ from ..model_folder import (
     write_config,
     write_thresholds,
 )
+from . import continual
+from . import distributed as dist_utils
+from .ema import WeightAverage
+from .losses import LossWeights, amasam_loss
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
