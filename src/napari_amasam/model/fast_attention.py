@@ -357,15 +357,15 @@ def _gemm_softmax_attention(
     """Inference attention as ``bias + scale * q k^T -> softmax -> @ v`` in query blocks.
 
     ``q, k, v`` ``(B, heads, N, C)`` (contiguous for speed: the per-block reshapes are then
-    views); ``rel_h`` ``(B, heads, H, W, H)`` and
-    ``rel_w`` ``(B, heads, H, W, W)`` from :func:`rel_pos_bias_terms`. Each block's bias is
-    written into a reused logits buffer, ``baddbmm`` adds the scaled product onto it (the
+    views); ``rel_h`` ``(B, heads, H, W, H)`` and ``rel_w`` ``(B, heads, H, W, W)`` from
+    :func:`rel_pos_bias_terms`. Each block's bias is written into a reused logits buffer, ``baddbmm`` adds the scaled product onto it (the
     scale applied inside the product, in float32), softmax runs in place (accumulating in
     float32) and ``bmm`` writes the block's output. The logits are rounded to bf16 once
     (a relative error of at most 2^-9 each) where the fused kernel keeps them in float32:
     on random global vit_b attention with logits of standard deviation 1-4 the output's RMS
-    error against float32 is 1.3-1.4x the fused kernel's bf16 error, and the pipeline's
-    bf16 mask Dice against float32 is unchanged (``benchmarks/bench_pipeline.py``: 0.995).
+    error against float32 is 1.2-1.5x the fused kernel's bf16 error, and the pipeline's
+    bf16 mask Dice against float32 is unchanged (``benchmarks/bench_pipeline.py``:
+    0.995-0.997 per tile).
     Returns ``(B, N, heads, C)``.
     """
     batch, heads, tokens, channels = q.shape
