@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from napari_amasam.model import fast_attention as fa
+from napari_amasam.model import attention_core as core
 
 CASES = {"global": (1, 64), "windowed": (25, 14)}  # (items, grid side)
 HEADS, WIDTH = 12, 64
@@ -54,19 +54,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}, repeats {args.repeats}, "
-          f"native bf16 {fa._cpu_has_native_bf16()}")
+          f"native bf16 {core._cpu_has_native_bf16()}")
     ratio = None
     for case, (items, side) in CASES.items():
         q, k, v, table_h, table_w = _inputs(items, side)
         q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
         scale, size = WIDTH**-0.5, (side, side)
-        rel_h, rel_w = fa.rel_pos_bias_terms(q16, table_h, table_w, size)
+        rel_h, rel_w = core.rel_pos_bias_terms(q16, table_h, table_w, size)
         row_bytes = HEADS * side * side * side * 2  # one grid row of bf16 bias
-        chunks = fa._query_chunks(items, side, row_bytes, fa.DEFAULT_MAX_MASK_BYTES)
+        chunks = core._query_chunks(items, side, row_bytes, core.DEFAULT_MAX_MASK_BYTES)
         paths = {
-            "fp32 fused": partial(fa.rel_pos_attention, q, k, v, scale, table_h, table_w, size),
-            "bf16 fused": partial(fa._fused_attention, q16, k16, v16, scale, rel_h, rel_w, chunks),
-            "bf16 products": partial(fa._gemm_softmax_attention, q16, k16, v16, scale, rel_h, rel_w),
+            "fp32 fused": partial(core.rel_pos_attention, q, k, v, scale, table_h, table_w, size),
+            "bf16 fused": partial(core._fused_attention, q16, k16, v16, scale, rel_h, rel_w, chunks),
+            "bf16 products": partial(core._gemm_softmax_attention, q16, k16, v16, scale, rel_h, rel_w),
         }
         times: dict[str, list[float]] = {name: [] for name in paths}
         with torch.inference_mode():

@@ -15,6 +15,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
 
 from napari_amasam.device import cpu_has_native_bf16
+from napari_amasam.model import attention_core as core
 from napari_amasam.model import fast_attention as fa
 from napari_amasam.model.fast_attention import (
     FastAttention,
@@ -283,12 +284,12 @@ def test_relative_position_bias_is_the_broadcast_sum_bit_for_bit(dtype, grid):
     # Narrow reduced-precision grids are built as a product with a 0/1 selector; every
     # entry must still be rel_h + rel_w rounded once, exactly as the broadcast add gives it.
     height, width = grid
-    assert width < fa._SELECTOR_BIAS_MAX_WIDTH  # the selector branch is the one under test
+    assert width < core._SELECTOR_BIAS_MAX_WIDTH  # the selector branch is the one under test
     gen = torch.Generator().manual_seed(5)
     rel_h = torch.randn(2, 3, height, width, height, generator=gen).to(dtype)
     rel_w = torch.randn(2, 3, height, width, width, generator=gen).to(dtype)
     bias = torch.empty(2, 3, height, width, height, width, dtype=dtype)
-    fa._write_bias(rel_h, rel_w, bias)
+    core._write_bias(rel_h, rel_w, bias)
     assert torch.equal(bias, rel_h[..., :, None] + rel_w[..., None, :])
 
 
@@ -298,10 +299,10 @@ def test_bf16_inference_attention_by_products_matches_float32(monkeypatch, block
     # in query blocks. Grid 7x5, 2 heads: a query row of bf16 logits is 2*5*35*2 = 700 bytes,
     # an item 4900: 1 -> one row per block, 3000 -> 4 rows (7 do not divide), 10000 -> two
     # items per block (3 do not divide), 1e9 -> one block.
-    monkeypatch.setattr(fa, "_GEMM_SOFTMAX_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(core, "_GEMM_SOFTMAX_BLOCK_BYTES", block_bytes)
     # Taken only where the CPU computes bf16 natively; forced here so that it is checked on
     # every CPU (emulated bf16 gives the same roundings, only slower).
-    monkeypatch.setattr(fa, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(core, "_cpu_has_native_bf16", lambda: True)
     torch.manual_seed(6)
     batch, heads, grid, channels = 3, 2, (7, 5), 16
     tokens = grid[0] * grid[1]
@@ -311,14 +312,14 @@ def test_bf16_inference_attention_by_products_matches_float32(monkeypatch, block
     q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
     with torch.no_grad():
         # float32 on the same bf16-rounded inputs: what is left is the attention's own error
-        expected = fa.rel_pos_attention(
+        expected = core.rel_pos_attention(
             q16.float(), k16.float(), v16.float(), scale,
             rel_pos_h.bfloat16().float(), rel_pos_w.bfloat16().float(), grid,
         )
-        assert fa._use_gemm_softmax(q16) and not fa._use_gemm_softmax(q)
-        actual = fa.rel_pos_attention(q16, k16, v16, scale, rel_pos_h, rel_pos_w, grid)
-        rel_h, rel_w = fa.rel_pos_bias_terms(q16, rel_pos_h, rel_pos_w, grid)
-        assert torch.equal(actual, fa._gemm_softmax_attention(q16, k16, v16, scale, rel_h, rel_w))
+        assert core._use_gemm_softmax(q16) and not core._use_gemm_softmax(q)
+        actual = core.rel_pos_attention(q16, k16, v16, scale, rel_pos_h, rel_pos_w, grid)
+        rel_h, rel_w = core.rel_pos_bias_terms(q16, rel_pos_h, rel_pos_w, grid)
+        assert torch.equal(actual, core._gemm_softmax_attention(q16, k16, v16, scale, rel_h, rel_w))
         # the fused kernel in bf16, for the size of a bf16 error
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
         fused = torch.nn.functional.scaled_dot_product_attention(
@@ -337,19 +338,19 @@ def test_bf16_attention_with_gradient_keeps_the_fused_kernel():
     q, k, v = (torch.randn(1, 2, 35, 16, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     tables = torch.randn(13, 16) * 0.5, torch.randn(9, 16) * 0.5
-    out = fa.rel_pos_attention(q, k, v, 0.25, *tables, (7, 5))
+    out = core.rel_pos_attention(q, k, v, 0.25, *tables, (7, 5))
     out.float().sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad.float()).all()
     with torch.no_grad():
-        rel_h, rel_w = fa.rel_pos_bias_terms(q, *tables, (7, 5))
-        products = fa._gemm_softmax_attention(q, k, v, 0.25, rel_h, rel_w)
+        rel_h, rel_w = core.rel_pos_bias_terms(q, *tables, (7, 5))
+        products = core._gemm_softmax_attention(q, k, v, 0.25, rel_h, rel_w)
     assert not torch.equal(out.detach(), products)
 
 
 def test_bf16_products_path_is_chosen_only_where_it_pays():
     q = torch.zeros(1, 2, 35, 16)
-    assert fa._use_gemm_softmax(q.bfloat16()) == cpu_has_native_bf16()
-    assert not fa._use_gemm_softmax(q) and not fa._use_gemm_softmax(q.half())
+    assert core._use_gemm_softmax(q.bfloat16()) == cpu_has_native_bf16()
+    assert not core._use_gemm_softmax(q) and not core._use_gemm_softmax(q.half())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -361,12 +362,12 @@ def test_gradient_through_keys_or_values_alone_matches_reference(dtype, needs_gr
     grid, tables = (7, 5), (torch.randn(13, 16) * 0.5, torch.randn(9, 16) * 0.5)
     q, k, v = (torch.randn(2, 2, 35, 16).to(dtype) for _ in range(3))
     leaf = {"k": k, "v": v}[needs_grad].requires_grad_()
-    out = fa.rel_pos_attention(q, k, v, 0.25, *tables, grid, max_mask_bytes=1)
+    out = core.rel_pos_attention(q, k, v, 0.25, *tables, grid, max_mask_bytes=1)
     weights = torch.randn(out.shape).to(dtype)
     (out.float() * weights.float()).sum().backward()
     fast_grad = leaf.grad.float()
     # The same attention written out in float32 through autograd.
-    rel_h, rel_w = fa.rel_pos_bias_terms(q.float(), *tables, grid)
+    rel_h, rel_w = core.rel_pos_bias_terms(q.float(), *tables, grid)
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(2, 2, 35, 35)
     qf, kf, vf = q.float(), k.float().detach(), v.float().detach()
     reference_leaf = {"k": kf, "v": vf}[needs_grad].requires_grad_()
