@@ -375,3 +375,14 @@ def test_gradient_through_keys_or_values_alone_matches_reference(dtype, needs_gr
     ((attn @ vf).transpose(1, 2) * weights.float()).sum().backward()
     expected = reference_leaf.grad
     _assert_close(fast_grad, expected, rel=1e-4 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("shape", [(24, 64, 4096), (300, 196, 196), (3, 5, 37)])
+def test_in_place_softmax_through_out_equals_softmax(shape):
+    # The products path runs softmax in place (``out=`` its own input) on its logits buffer;
+    # PyTorch must give exactly what an out-of-place softmax gives, also for large logits.
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(shape, generator=gen) * 20).bfloat16()
+    expected = torch.softmax(logits, dim=-1)
+    torch.softmax(logits, dim=-1, out=logits)
+    assert torch.equal(logits, expected)

@@ -266,8 +266,9 @@ def _use_gemm_softmax(q: torch.Tensor) -> bool:
     ``torch.compile``: there the fused CPU attention kernel runs no faster in bf16 than in
     float32 (a global vit_b block's attention: 0.49 s vs 0.52 s with the bias), while
     oneDNN's bf16 matrix products run at about twice the float32 rate, so a biased product,
-    a softmax and a product per block of queries win (0.30 s; ``benchmarks/bench_attention.py``). Where bf16 is emulated
-    (``precision="bf16"`` forced on an AVX2 CPU) nothing shows the products would win.
+    a softmax and a product per block of queries win (0.30 s;
+    ``benchmarks/bench_attention.py``). Where bf16 is emulated (``precision="bf16"`` forced
+    on an AVX2 CPU) nothing shows the products would win.
     """
     return (
         q.device.type == "cpu"
@@ -295,9 +296,10 @@ def _gemm_softmax_attention(
 
     ``q, k, v`` ``(B, heads, N, C)`` (contiguous for speed: the per-block reshapes are then
     views); ``rel_h`` ``(B, heads, H, W, H)`` and ``rel_w`` ``(B, heads, H, W, W)`` from
-    :func:`rel_pos_bias_terms`. Each block's bias is written into a reused logits buffer, ``baddbmm`` adds the scaled product onto it (the
-    scale applied inside the product, in float32), softmax runs in place (accumulating in
-    float32) and ``bmm`` writes the block's output. The logits are rounded to bf16 once
+    :func:`rel_pos_bias_terms`. Each block's bias is written into a reused logits buffer,
+    ``baddbmm`` adds the scaled product onto it (the scale applied inside the product, in
+    float32), softmax runs in place (accumulating in float32) and ``bmm`` writes the block's
+    output. The logits are rounded to bf16 once
     (a relative error of at most 2^-9 each) where the fused kernel keeps them in float32:
     on random global vit_b attention with logits of standard deviation 1-4 the output's RMS
     error against float32 is 1.2-1.5x the fused kernel's bf16 error, and the pipeline's
@@ -328,7 +330,7 @@ def _gemm_softmax_attention(
             alpha=scale, out=logits,
         )
         # In place through ``out=``: PyTorch's CPU softmax over the last dimension reads each
-        # row before writing it (bit-identical to out of place, checked in the tests). The
+        # row before writing it (bit-identical to out of place: tests/test_fast_attention.py). The
         # bias is finite, so no row is all -inf (that would give NaN where SDPA gives 0).
         torch.softmax(logits, dim=-1, out=logits)
         block_out = torch.bmm(logits, v[b0:b1].reshape(items * heads, tokens, channels))
