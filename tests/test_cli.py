@@ -278,3 +278,37 @@ def test_a_shortened_tiny_schedule_still_anneals_the_learning_rate(tmp_path):
     assert settings("tiny_conv")["lr_gamma"] == 0.915
     assert settings("tiny_conv", "--epochs", "10", "--lr-gamma", "0.9")["lr_gamma"] == 0.9
     assert settings("vit_b", "--epochs", "10")["lr_gamma"] == 0.98
+
+
+@pytest.mark.parametrize("mpp_flag", [[], ["--mpp", "0.25"]])
+def test_segment_without_mpp_says_which_pixel_size_it_assumes(tmp_path, capsys, mpp_flag):
+    # A model trained at 0.5 µm/px on 0.3 µm/px data: without --mpp the images are resized as
+    # if they were at 0.3, which the user must be told; with --mpp nothing is assumed.
+    import torch
+
+    from napari_amasam.config import PostprocessConfig, TrainConfig
+    from napari_amasam.model import build_amasam
+    from napari_amasam.model_folder import atomic_torch_save, write_config, write_thresholds
+
+    from .helpers import tiny_model_config
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    torch.manual_seed(0)
+    config = tiny_model_config(image_size=64)
+    model = build_amasam(config)
+    atomic_torch_save(model.sam_state_dict(), model_dir / "base_sam.pt")
+    atomic_torch_save(model.trainable_state_dict(), model_dir / "weights.pt")
+    train = TrainConfig(out=str(model_dir), primary="data", mpp=0.3, model_mpp=0.5)
+    write_config(model_dir, config, train, {"name": "tiny"}, mpp=0.5)
+    write_thresholds(model_dir, PostprocessConfig())
+    image = sorted((DEMO_DATA / "monuseg_heldout" / "images").iterdir())[0]
+    assert main(["segment", str(image), "--model", str(model_dir), "--out",
+                 str(tmp_path / "out"), "--device", "cpu", *mpp_flag]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "no --mpp" in line]
+    if mpp_flag:
+        assert warned == [], err
+    else:
+        assert len(warned) == 1 and "0.3 µm/px" in warned[0], err
+    assert (tmp_path / "out" / f"{image.stem}_labels.tif").exists()
