@@ -170,3 +170,17 @@ def test_measurements_without_image_are_nan_and_shapes_checked(real_crop):
     assert set(columns) == set(export.MEASUREMENT_COLUMNS)
     with pytest.raises(ValueError, match="differs"):
         export.nucleus_measurements(labels, image[:10])
+
+
+def test_csv_with_pixel_size_adds_micron_columns(tmp_path, real_crop):
+    labels, image = real_crop
+    plain = export.write_csv(tmp_path / "px.csv", labels, image=image)
+    microns = export.write_csv(tmp_path / "um.csv", labels, image=image, mpp=0.25)
+    with open(plain, newline="") as a, open(microns, newline="") as b:
+        rows_px, rows_um = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert list(rows_um[0]) == [*export.MEASUREMENT_COLUMNS, *export.MICRON_COLUMNS]
+    assert len(rows_um) == len(rows_px) > 0
+    for px, um in zip(rows_px, rows_um, strict=True):
+        assert {k: um[k] for k in px} == px  # the pixel columns are unchanged
+        assert float(um["area_um2"]) == pytest.approx(int(px["area"]) * 0.0625, rel=1e-5)
+        assert float(um["perimeter_um"]) == pytest.approx(float(px["perimeter"]) * 0.25, rel=1e-5)

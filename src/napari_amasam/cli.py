@@ -538,7 +538,7 @@ def cmd_segment(args) -> int:
         if args.geojson:
             write_geojson(out / f"{path.stem}.geojson", labels, image=image, mpp=args.mpp)
         if args.csv:
-            write_csv(out / f"{path.stem}.csv", labels, image=image)
+            write_csv(out / f"{path.stem}.csv", labels, image=image, mpp=args.mpp)
         n = int(labels.max())
         print(f"{path.name}: {n} nuclei in {time.perf_counter() - t0:.1f}s")
     if failed:

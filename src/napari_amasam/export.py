@@ -151,7 +151,16 @@ def nucleus_measurements(
     return columns
 
 
-def write_csv(path: str | Path, labels: np.ndarray, image: np.ndarray | None = None) -> Path:
+#: Columns :func:`write_csv` appends when the pixel size is known: area and perimeter in µm.
+MICRON_COLUMNS = ("area_um2", "perimeter_um")
+
+
+def write_csv(
+    path: str | Path,
+    labels: np.ndarray,
+    image: np.ndarray | None = None,
+    mpp: float | None = None,
+) -> Path:
     """Write :func:`nucleus_measurements` as CSV, one row per nucleus (header only if none).
 
     Parameters
@@ -159,18 +168,26 @@ def write_csv(path: str | Path, labels: np.ndarray, image: np.ndarray | None = N
     path : str or Path
     labels : (H, W) integer array
     image : (H, W, 3) or (H, W) array, optional
+    mpp : float, optional
+        Microns per pixel of ``labels``: when given, :data:`MICRON_COLUMNS` follow the
+        pixel-unit columns (area and perimeter stay in pixels, as napari shows them).
 
     Returns
     -------
     Path written.
     """
     columns = nucleus_measurements(labels, image)
+    header = list(MEASUREMENT_COLUMNS)
+    if mpp is not None:
+        columns["area_um2"] = columns["area"] * mpp**2
+        columns["perimeter_um"] = columns["perimeter"] * mpp
+        header += MICRON_COLUMNS
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(MEASUREMENT_COLUMNS)
-            for row in zip(*(columns[name] for name in MEASUREMENT_COLUMNS), strict=True):
+            writer.writerow(header)
+            for row in zip(*(columns[name] for name in header), strict=True):
                 writer.writerow(
                     [int(row[0]), int(row[1])] + ["" if np.isnan(v) else f"{v:.6g}" for v in row[2:]]
                 )
