@@ -338,8 +338,12 @@ def cmd_train(args) -> int:
             return _fail("train needs --primary DIR and --out MODEL_DIR (or --resume MODEL_DIR)")
         backbone = args.backbone or DEFAULT_BACKBONE
         if backbone not in RANDOM_BACKBONES and not args.checkpoint:
+            # Not refused (a random encoder still runs the whole pipeline, e.g. as a smoke
+            # test), but it learns little, slowly: say what to use instead.
             print(f"warning: no --checkpoint for {backbone}: the SAM encoder gets random "
-                  "weights (download the official .pth once and pass its path)", file=sys.stderr)
+                  "weights (download the official .pth once and pass its path; without one, "
+                  "--backbone tiny_conv trains a small CPU model as `make demo` does)",
+                  file=sys.stderr)
         train_cfg, settings = new_run_config(args, backbone)
         model_cfg = ModelConfig(backbone=backbone, image_size=settings["image_size"],
                                 alignment=settings["alignment"], lambda_max=settings["lambda_max"],
