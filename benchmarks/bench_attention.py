@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {args.threads}, repeats {args.repeats}, "
-          f"native bf16 {core._cpu_has_native_bf16()}")
+          f"native bf16 {core.cpu_has_native_bf16()}")
     ratio = None
     for case, (items, side) in CASES.items():
         q, k, v, table_h, table_w = _inputs(items, side)

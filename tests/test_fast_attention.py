@@ -302,7 +302,7 @@ def test_bf16_inference_attention_by_products_matches_float32(monkeypatch, block
     monkeypatch.setattr(core, "_GEMM_SOFTMAX_BLOCK_BYTES", block_bytes)
     # Taken only where the CPU computes bf16 natively; forced here so that it is checked on
     # every CPU (emulated bf16 gives the same roundings, only slower).
-    monkeypatch.setattr(core, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(core, "cpu_has_native_bf16", lambda: True)
     torch.manual_seed(6)
     batch, heads, grid, channels = 3, 2, (7, 5), 16
     tokens = grid[0] * grid[1]

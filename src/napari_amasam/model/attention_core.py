@@ -27,7 +27,7 @@ Public API
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -195,20 +195,39 @@ def _fused_attention(
     rel_w: torch.Tensor,
     chunks: list[tuple[int, int, int, int]],
 ) -> torch.Tensor:
-    """Inference attention through SDPA's fused kernel, the bias written chunk by chunk.
+    """Inference attention through SDPA's fused kernel, the bias written chunk by chunk
+    (:func:`_blocked_attention`). Shapes as in :func:`_gemm_softmax_attention`; ``chunks``
+    from :func:`_query_chunks`."""
+    width = rel_h.shape[3]
+    return _blocked_attention(
+        q, rel_h, rel_w, chunks,
+        lambda bias, chunk: _chunk_attention(q, k, v, bias, scale, chunk, width),
+    )
 
-    Shapes as in :func:`_gemm_softmax_attention`; ``chunks`` from :func:`_query_chunks`.
-    One flat bias buffer is reused by every chunk (a leading slice of it is a contiguous
-    chunk even when the last chunk is smaller), and one output written in place in the
-    ``(B, N, heads, C)`` layout, so the only copy of the result is the transpose the
-    reference also makes.
+
+def _blocked_attention(
+    q: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    chunks: list[tuple[int, int, int, int]],
+    attend: Callable[[torch.Tensor, tuple[int, int, int, int]], torch.Tensor],
+) -> torch.Tensor:
+    """The chunk loop both inference paths share.
+
+    For each chunk ``(b0, b1, r0, r1)`` the bias ``(b1-b0, heads, r1-r0, W, H, W)`` is
+    written into one flat buffer reused by every chunk (a leading slice of it is a
+    contiguous chunk even when the last chunk is smaller), ``attend(bias, chunk)`` returns
+    the chunk's output ``(b1-b0, (r1-r0)*W, heads, C)`` (it may overwrite the bias), and the
+    result goes into one output in the ``(B, N, heads, C)`` layout, so the only copy of the
+    result is the transpose the reference also makes.
     """
     batch, heads, tokens, channels = q.shape
     height, width = rel_h.shape[2], rel_h.shape[3]
     b0, b1, r0, r1 = chunks[0]
     buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
     out = q.new_empty((batch, tokens, heads, channels))
-    for b0, b1, r0, r1 in chunks:
+    for chunk in chunks:
+        b0, b1, r0, r1 = chunk
         shape = (b1 - b0, heads, r1 - r0, width, height, width)
         if torch.compiler.is_compiling():
             # Inductor cannot lower an ``out=`` into a view of a buffer: let it plan memory.
@@ -216,8 +235,7 @@ def _fused_attention(
         else:
             bias = buffer[: (b1 - b0) * heads * (r1 - r0) * width * tokens].view(shape)
             _write_bias(rel_h[b0:b1, :, r0:r1], rel_w[b0:b1, :, r0:r1], bias)
-        piece = _chunk_attention(q, k, v, bias, scale, (b0, b1, r0, r1), width)
-        out[b0:b1, r0 * width : r1 * width].copy_(piece)
+        out[b0:b1, r0 * width : r1 * width].copy_(attend(bias, chunk))
     return out
 
 
@@ -274,14 +292,8 @@ def _use_gemm_softmax(q: torch.Tensor) -> bool:
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and not torch.compiler.is_compiling()
-        and _cpu_has_native_bf16()
+        and cpu_has_native_bf16()  # about 1 µs: no need to cache it
     )
-
-
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    """:func:`~napari_amasam.device.cpu_has_native_bf16`, probed once per process."""
-    return cpu_has_native_bf16()
 
 
 def _gemm_softmax_attention(
@@ -296,48 +308,39 @@ def _gemm_softmax_attention(
 
     ``q, k, v`` ``(B, heads, N, C)`` (contiguous for speed: the per-block reshapes are then
     views); ``rel_h`` ``(B, heads, H, W, H)`` and ``rel_w`` ``(B, heads, H, W, W)`` from
-    :func:`rel_pos_bias_terms`. Each block's bias is written into a reused logits buffer,
-    ``baddbmm`` adds the scaled product onto it (the scale applied inside the product, in
-    float32), softmax runs in place (accumulating in float32) and ``bmm`` writes the block's
-    output. The logits are rounded to bf16 once
-    (a relative error of at most 2^-9 each) where the fused kernel keeps them in float32:
-    on random global vit_b attention with logits of standard deviation 1-4 the output's RMS
-    error against float32 is 1.2-1.5x the fused kernel's bf16 error, and the pipeline's
-    bf16 mask Dice against float32 is unchanged (``benchmarks/bench_pipeline.py``:
-    0.995-0.997 per tile).
-    Returns ``(B, N, heads, C)``.
+    :func:`rel_pos_bias_terms`. Each block's bias is written into the reused buffer of
+    :func:`_blocked_attention`, ``baddbmm`` adds the scaled product onto it (the scale
+    applied inside the product, in float32), softmax runs in place (accumulating in float32)
+    and ``bmm`` writes the block's output. The logits are rounded to bf16 once (a relative
+    error of at most 2^-9 each) where the fused kernel keeps them in float32: on random
+    global vit_b attention with logits of standard deviation 1-4 the output's RMS error
+    against float32 is 1.2-1.5x the fused kernel's bf16 error, and the pipeline's bf16 mask
+    Dice against float32 is unchanged (``benchmarks/bench_pipeline.py``: 0.995-0.997 per
+    tile). Returns ``(B, N, heads, C)``.
     """
     batch, heads, tokens, channels = q.shape
     height, width = rel_h.shape[2], rel_h.shape[3]
     bytes_per_row = heads * width * tokens * q.element_size()
     chunks = _query_chunks(batch, height, bytes_per_row, _GEMM_SOFTMAX_BLOCK_BYTES)
-    b0, b1, r0, r1 = chunks[0]
-    logits_buffer = q.new_empty((b1 - b0) * heads * (r1 - r0) * width * tokens)
     key_t = k.transpose(-1, -2)
-    out = q.new_empty((batch, tokens, heads, channels))
-    for b0, b1, r0, r1 in chunks:
+
+    def attend(bias: torch.Tensor, chunk: tuple[int, int, int, int]) -> torch.Tensor:
+        b0, b1, r0, r1 = chunk
         items, rows = b1 - b0, (r1 - r0) * width
-        logits = logits_buffer[: items * heads * rows * tokens]
-        _write_bias(
-            rel_h[b0:b1, :, r0:r1],
-            rel_w[b0:b1, :, r0:r1],
-            logits.view(items, heads, r1 - r0, width, height, width),
-        )
-        logits = logits.view(items * heads, rows, tokens)
+        logits = bias.view(items * heads, rows, tokens)
         queries = q[b0:b1, :, r0 * width : r1 * width].reshape(items * heads, rows, channels)
         torch.baddbmm(
             logits, queries, key_t[b0:b1].reshape(items * heads, channels, tokens),
             alpha=scale, out=logits,
         )
         # In place through ``out=``: PyTorch's CPU softmax over the last dimension reads each
-        # row before writing it (bit-identical to out of place: tests/test_fast_attention.py). The
-        # bias is finite, so no row is all -inf (that would give NaN where SDPA gives 0).
+        # row before writing it (bit-identical to out of place: tests/test_fast_attention.py).
+        # The bias is finite, so no row is all -inf (that would give NaN where SDPA gives 0).
         torch.softmax(logits, dim=-1, out=logits)
         block_out = torch.bmm(logits, v[b0:b1].reshape(items * heads, tokens, channels))
-        out[b0:b1, r0 * width : r1 * width].copy_(
-            block_out.view(items, heads, rows, channels).transpose(1, 2)
-        )
-    return out
+        return block_out.view(items, heads, rows, channels).transpose(1, 2)
+
+    return _blocked_attention(q, rel_h, rel_w, chunks, attend)
 
 
 def _chunk_attention(
