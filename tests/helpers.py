@@ -81,3 +81,30 @@ def drain(generator):
             records.append(next(generator))
         except StopIteration as stop:
             return records, stop.value
+
+
+def saved_model_folder(folder: Path, config, base_record: dict, checkpoint=None, train=None,
+                       mpp: float = 0.25, thresholds=None) -> Path:
+    """A model folder as training leaves it, with seeded random trained weights.
+
+    ``train``: the ``TrainConfig`` recorded (None: none); ``mpp``: the model's working pixel
+    size; ``thresholds``: the ``PostprocessConfig`` saved (None: the defaults).
+    """
+    import torch
+
+    from napari_amasam.config import PostprocessConfig
+    from napari_amasam.model import build_amasam
+    from napari_amasam.model_folder import atomic_torch_save, write_config, write_thresholds
+
+    torch.manual_seed(1)
+    model = build_amasam(config, checkpoint=checkpoint)
+    with torch.no_grad():  # move the trained parts away from their initialisation
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    if config.backbone == "tiny":
+        atomic_torch_save(model.sam_state_dict(), folder / "base_sam.pt")
+    atomic_torch_save(model.trainable_state_dict(), folder / "weights.pt")
+    write_config(folder, config, train, base_record, mpp=mpp)
+    write_thresholds(folder, PostprocessConfig() if thresholds is None else thresholds)
+    return folder

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from napari_amasam.config import PostprocessConfig
-from tests.helpers import tiny_model_config
+from tests.helpers import saved_model_folder, tiny_model_config
 
 pytest.importorskip("bioimageio.core")
 
@@ -23,30 +23,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "src" / "napari_amasam" / "_sampl
 THRESHOLDS = PostprocessConfig(method="edt", foreground_threshold=0.45, edt_min_distance=3)
 
 
-def _model_folder(folder: Path, config, base_record: dict, checkpoint=None, train=None,
-                  mpp: float = 0.25) -> Path:
-    """A model folder as training leaves it, with seeded random trained weights."""
-    from napari_amasam.model import build_amasam
-    from napari_amasam.model_folder import atomic_torch_save, write_config, write_thresholds
-
-    torch.manual_seed(1)
-    model = build_amasam(config, checkpoint=checkpoint)
-    with torch.no_grad():  # move the trained parts away from their initialisation
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
-    if config.backbone == "tiny":
-        atomic_torch_save(model.sam_state_dict(), folder / "base_sam.pt")
-    atomic_torch_save(model.trainable_state_dict(), folder / "weights.pt")
-    write_config(folder, config, train, base_record, mpp=mpp)
-    write_thresholds(folder, THRESHOLDS)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_model")
-    return _model_folder(folder, tiny_model_config(image_size=64), {"name": "tiny"})
+    return saved_model_folder(folder, tiny_model_config(image_size=64), {"name": "tiny"},
+                              thresholds=THRESHOLDS)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +92,8 @@ def test_package_keeps_the_training_data_scale(tmp_path, breast):
     folder = tmp_path / "at_20x"
     folder.mkdir()
     train = TrainConfig(primary=str(tmp_path / "data"), mpp=0.25, model_mpp=0.5)
-    _model_folder(folder, tiny_model_config(image_size=64), {"name": "tiny"}, train=train,
-                  mpp=0.5)
+    saved_model_folder(folder, tiny_model_config(image_size=64), {"name": "tiny"}, train=train,
+                       mpp=0.5, thresholds=THRESHOLDS)
     package = bp.export_model_package(folder, tmp_path / "at_20x.zip",
                                       data_citation="MoNuSeg 2018 crops.",
                                       data_licence="CC-BY-NC-SA-4.0")
@@ -180,8 +161,8 @@ def vit_b_folder(vit_b_checkpoint, tmp_path_factory):
     path, sha = vit_b_checkpoint
     folder = tmp_path_factory.mktemp("vit_b_model")
     config = ModelConfig(backbone="vit_b", image_size=64)
-    return _model_folder(folder, config, {"name": path.name, "sha256": sha, "path": str(path)},
-                         checkpoint=path)
+    return saved_model_folder(folder, config, {"name": path.name, "sha256": sha, "path": str(path)},
+                              checkpoint=path, thresholds=THRESHOLDS)
 
 
 @pytest.mark.slow  # ~370 MB of vit_b weights written, traced, zipped and run twice

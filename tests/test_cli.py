@@ -284,24 +284,15 @@ def test_a_shortened_tiny_schedule_still_anneals_the_learning_rate(tmp_path):
 def test_segment_without_mpp_says_which_pixel_size_it_assumes(tmp_path, capsys, mpp_flag):
     # A model trained at 0.5 µm/px on 0.3 µm/px data: without --mpp the images are resized as
     # if they were at 0.3, which the user must be told; with --mpp nothing is assumed.
-    import torch
+    from napari_amasam.config import TrainConfig
 
-    from napari_amasam.config import PostprocessConfig, TrainConfig
-    from napari_amasam.model import build_amasam
-    from napari_amasam.model_folder import atomic_torch_save, write_config, write_thresholds
-
-    from .helpers import tiny_model_config
+    from .helpers import saved_model_folder, tiny_model_config
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    torch.manual_seed(0)
-    config = tiny_model_config(image_size=64)
-    model = build_amasam(config)
-    atomic_torch_save(model.sam_state_dict(), model_dir / "base_sam.pt")
-    atomic_torch_save(model.trainable_state_dict(), model_dir / "weights.pt")
     train = TrainConfig(out=str(model_dir), primary="data", mpp=0.3, model_mpp=0.5)
-    write_config(model_dir, config, train, {"name": "tiny"}, mpp=0.5)
-    write_thresholds(model_dir, PostprocessConfig())
+    saved_model_folder(model_dir, tiny_model_config(image_size=64), {"name": "tiny"},
+                       train=train, mpp=0.5)
     image = sorted((DEMO_DATA / "monuseg_heldout" / "images").iterdir())[0]
     assert main(["segment", str(image), "--model", str(model_dir), "--out",
                  str(tmp_path / "out"), "--device", "cpu", *mpp_flag]) == 0
